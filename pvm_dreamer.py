@@ -1,0 +1,1081 @@
+"""pvm-dreamer: DreamerV3 from pixels, with a from-scratch CNN or a pre-trained vision model (PVM) as its eyes.
+
+One file, read top to bottom, in the order data flows:
+  Args -> math (symlog, two-hot, lambda-returns, return normaliser) -> replay -> encoders (CNN | DINOv2 | CLIP,
+  frozen / partial / full) -> world model (RSSM, decoder, reward and continue heads) -> actor-critic in
+  imagination -> one training step -> acting, evaluation, checkpoints -> main loop.
+
+  python pvm_dreamer.py                                            # CNN baseline on MuJoCo Pusher, no download
+  python pvm_dreamer.py --pvm dinov2 --mode partial --env metadrive # the paper's flagship setting
+
+References
+  [D3]  Hafner, Pasukonis, Ba, Lillicrap. Mastering Diverse Domains through World Models (DreamerV3), 2023;
+        hyperparameters from danijar/dreamerv3 `configs.yaml` (latest version, which names sizes size1m..size400m).
+  [PVM] Jones, Zhou, Pattinson. Pre-trained Visual Representations Generalize Where it Matters in
+        Model-Based Reinforcement Learning, 2025 (arXiv 2509.12531).
+
+Deviations from [D3]/[PVM]; each is marked `# differs from paper:` where it lives:
+  - Adam with the DreamerV3 paper's (v1) learning rates, eps and global-norm clipping instead of the latest
+    code's LaProp + adaptive gradient clipping (a PyTorch-native choice, used by the PyTorch ports too).
+  - Strided 4x4 convolutions in the CNN (as DreamerV3 v1) instead of stride-1 convs + pooling: ~4x cheaper.
+  - Two-hot bins live in symlog space (as the DreamerV3 paper describes it).
+  - Defaults sized for a CPU (`--size small`, 64x64 images); the paper ran size200m at 224x224.
+  - DINOv2 patch tokens pass a learned per-token projection before being flattened (see PVMEncoder).
+Left out, for readability: the replay-value loss (`repval`), replay context / latent replay, prioritised
+replay, parallel environments, and distributed actors. `# ABLATION POINT:` marks the knobs worth forking.
+
+Shape legend (used in the trailing comments): B batch, T time, H imagination horizon, N = B*T imagination
+starts, S stochastic groups, C classes per group, D deterministic state, F = D + S*C model features,
+E embedding, P image patches, W PVM width, A action dims, K two-hot bins.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import envs
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the files it names: printed as one line, exit code 2, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    # --- experiment
+    env: str = "pusher"
+    """environment: pusher | reacher | metadrive | metadrive-topdown (see envs.py)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environment"""
+    device: str = "auto"
+    """torch device: auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
+    logdir: str = "runs"
+    """runs are written to LOGDIR/RUN_NAME (TensorBoard events, metrics.jsonl, checkpoint.pt, videos/)"""
+    run_name: str = ""
+    """empty = ENV__ENCODER__SEED__UNIXTIME, as CleanRL names runs"""
+    resume: str = ""
+    """a run directory or checkpoint file to continue from (same flags as the original run)"""
+    eval_only: bool = False
+    """with --resume: load the checkpoint, run --eval-episodes evaluation episodes, write eval_STEP.json, exit"""
+
+    # --- encoder: a from-scratch CNN or a pre-trained vision model
+    pvm: Literal["none", "dinov2", "clip"] = "none"
+    """image encoder: none = DreamerV3's CNN trained from scratch (the baseline); dinov2 | clip = a PVM"""
+    pvm_id: str = ""
+    """Hugging Face model id or local directory; empty = the paper's model (dinov2-small / clip-vit-base-patch32)"""
+    pvm_random_init: bool = False
+    """build the PVM architecture with RANDOM weights (offline tests and timing only; not a pre-trained model)"""
+    mode: Literal["frozen", "partial", "full"] = "partial"
+    """PVM fine-tuning: frozen = no gradient reaches it; partial = only the last k blocks train; full = all train"""
+    finetune_blocks: int = 4
+    """k for --mode partial: the last k transformer blocks (+ final norm) train ([PVM]: 4 of 12)"""
+    encoder_lr_scale: float = 0.1
+    """fine-tuned PVM parameters learn at wm_lr * this ([PVM]: 0.1)"""
+    pvm_image_size: int = 224
+    """side of the square image the PVM sees (frames are resized to it with the PVM's own preprocessing)"""
+    pvm_token_dim: int = 16
+    """DINOv2 only: width each patch token is projected to before flattening (see PVMEncoder)"""
+
+    # --- environment and model size
+    image_size: int = 64  # differs from paper: 224, too slow for a CPU
+    """side of the square frames the env renders, the CNN sees and the decoder reconstructs"""
+    action_repeat: int = 2
+    """each agent action is repeated this many simulator steps"""
+    size: Literal["tiny", "size1m", "small", "size12m", "size25m", "size50m", "size100m", "size200m",
+                  "size400m"] = "small"  # differs from paper: size200m
+    """model size preset, smallest first: tiny (tests), size1m, small (CPU default), then [D3]'s presets"""
+
+    # --- training loop
+    total_steps: int = 1_010_000
+    """agent steps to train for (each is --action-repeat simulator steps); [PVM] manipulation: 1.01M"""
+    learning_starts: int = 1000
+    """agent steps of uniform-random actions collected before the first update"""
+    train_ratio: float = 32.0
+    """replayed steps per agent step: an update (batch_size * batch_length steps) runs every B*T/ratio steps"""
+    batch_size: int = 16
+    """B: sequences per update"""
+    batch_length: int = 64
+    """T: steps per sequence"""
+    replay_size: int = 250_000  # differs from paper: 5e6, which would need 61 GB of 64x64 frames
+    """replay capacity in agent steps (uint8 frames: 12 KB each at 64x64)"""
+    checkpoint_every: int = 10_000
+    """agent steps between checkpoints (written at the end of the episode that crosses the mark)"""
+    checkpoint_replay: bool = True
+    """store the replay buffer in the checkpoint, so --resume continues with the same data"""
+    eval_every: int = 10_000
+    """agent steps between evaluations (0 = only at the end)"""
+    eval_episodes: int = 10
+    """episodes per evaluation, with the policy's mean action"""
+    capture_video: bool = False
+    """write the first evaluation episode of each evaluation to RUN/videos/*.mp4"""
+    log_every: int = 1_000
+    """agent steps between logged averages of the training losses"""
+
+    # --- DreamerV3 hyperparameters ([D3] defaults unless marked)
+    wm_lr: float = 1e-4  # differs from paper: latest code uses 4e-5 with LaProp; 1e-4 is the paper's Adam rate
+    """world-model learning rate"""
+    actor_lr: float = 3e-5
+    """actor learning rate"""
+    critic_lr: float = 3e-5
+    """critic learning rate"""
+    imag_horizon: int = 15
+    """imagined steps per actor-critic update"""
+    horizon: float = 333.0
+    """discount horizon: gamma = 1 - 1/horizon"""
+    lam: float = 0.95
+    """lambda of the lambda-returns"""
+    actor_entropy: float = 3e-4
+    """entropy regulariser weight (on normalised returns)"""
+    slow_critic_rate: float = 0.02
+    """EMA rate of the slow critic that regularises the critic"""
+    free_nats: float = 1.0
+    """KL free bits: each KL term is clipped below at this many nats"""
+    dyn_scale: float = 1.0
+    """weight of KL(sg(posterior) || prior), which trains the prior"""
+    rep_scale: float = 0.1
+    """weight of KL(posterior || sg(prior)), which regularises the representation"""
+    unimix: float = 0.01
+    """uniform mixture in every categorical (latents and actor)"""
+    torch_deterministic: bool = True
+    """torch.backends.cudnn.deterministic"""
+
+
+# Model size presets: RSSM deter/hidden/stoch groups/classes, CNN depth, MLP units, GRU blocks.
+# size1m..size400m are [D3]'s (configs.yaml). `tiny` exists for tests; `small` makes a CPU run practical.
+SIZES = {
+    "tiny": dict(deter=64, hidden=32, stoch=8, classes=8, depth=4, units=32, blocks=4),
+    "size1m": dict(deter=512, hidden=64, stoch=32, classes=4, depth=4, units=64, blocks=8),
+    "small": dict(deter=256, hidden=128, stoch=16, classes=16, depth=16, units=128, blocks=4),
+    "size12m": dict(deter=2048, hidden=256, stoch=32, classes=16, depth=16, units=256, blocks=8),
+    "size25m": dict(deter=3072, hidden=384, stoch=32, classes=24, depth=24, units=384, blocks=8),
+    "size50m": dict(deter=4096, hidden=512, stoch=32, classes=32, depth=32, units=512, blocks=8),
+    "size100m": dict(deter=6144, hidden=768, stoch=32, classes=48, depth=48, units=768, blocks=8),
+    "size200m": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, blocks=8),
+    "size400m": dict(deter=12288, hidden=1536, stoch=32, classes=96, depth=96, units=1536, blocks=8),
+}
+LOSS_SCALES_WM = ("rec", "rew", "con", "dyn", "rep")  # keys of the world-model loss dict
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Math: symlog, two-hot, lambda-returns, return normalisation ([D3] Sec. 2-3)
+# ---------------------------------------------------------------------------------------------------------
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    """Squash large magnitudes but stay linear near 0, so one network fits rewards of any scale ([D3] eq. 1)."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+BINS = torch.linspace(-20.0, 20.0, 255)  # K two-hot bins in symlog space: covers |y| up to e^20
+
+
+def twohot(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Encode y (already in symlog space) as weights on its two nearest bins; (...) -> (..., K)."""
+    y = y.clamp(bins[0], bins[-1]).contiguous()
+    hi = torch.searchsorted(bins, y, right=True).clamp(1, len(bins) - 1)  # index of the bin above y
+    lo = hi - 1
+    w_hi = (y - bins[lo]) / (bins[hi] - bins[lo])
+    out = torch.zeros(*y.shape, len(bins), device=y.device, dtype=y.dtype)
+    out.scatter_(-1, lo[..., None], (1 - w_hi)[..., None])
+    out.scatter_add_(-1, hi[..., None], w_hi[..., None])
+    return out
+
+
+def twohot_mean(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Prediction of a two-hot head: expected bin under softmax, back in raw units; (..., K) -> (...)."""
+    return symexp((logits.softmax(-1) * bins).sum(-1))
+
+
+def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the two-hot code of symlog(target): regression that ignores the target's scale."""
+    assert logits.shape[:-1] == target.shape, (logits.shape, target.shape)
+    return -(twohot(symlog(target), bins) * logits.log_softmax(-1)).sum(-1)
+
+
+def lambda_return(reward, disc, value, lam):
+    """TD(lambda) targets over an imagined trajectory ([D3] eq. 7), computed backwards from the bootstrap.
+    reward, disc: (H, N) for states 1..H (disc = gamma * P(continue)); value: (H+1, N) for states 0..H.
+    Returns (H, N): R_t = r_{t+1} + disc_{t+1} * ((1 - lam) * v_{t+1} + lam * R_{t+1}), R_H = v_H."""
+    assert reward.shape == disc.shape and value.shape[0] == reward.shape[0] + 1, (reward.shape, value.shape)
+    ret, out = value[-1], []
+    for t in reversed(range(reward.shape[0])):
+        ret = reward[t] + disc[t] * ((1 - lam) * value[t + 1] + lam * ret)
+        out.append(ret)
+    return torch.stack(out[::-1])  # (H, N)
+
+
+class ReturnNorm(nn.Module):
+    """Scale advantages by the 5th-95th percentile range of returns, but never amplify (scale >= 1).
+    EMA of the percentiles (rate 0.01). Mirrors `retnorm` (impl perc) in [D3]; state lives in buffers so it
+    is checkpointed with the agent."""
+
+    def __init__(self, rate=0.01, limit=1.0, lo=5.0, hi=95.0):
+        super().__init__()
+        self.rate, self.limit, self.q = rate, limit, torch.tensor([lo / 100, hi / 100])
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+
+    def update(self, ret: torch.Tensor) -> torch.Tensor:
+        lo, hi = torch.quantile(ret.detach().flatten().float(), self.q.to(ret.device))
+        self.lo.lerp_(lo, self.rate)
+        self.hi.lerp_(hi, self.rate)
+        return self.scale()
+
+    def scale(self) -> torch.Tensor:
+        return (self.hi - self.lo).clamp(min=self.limit)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Replay: a ring buffer of single steps that samples (B, T) windows
+# ---------------------------------------------------------------------------------------------------------
+class Replay:
+    """Row t holds obs[t] (uint8), the action that LED to obs[t] (`prevact`, zeros after a reset), the reward
+    received on arriving at obs[t], is_first (obs[t] came from reset) and is_terminal (the episode ended in
+    obs[t]; a time-limit truncation is not terminal). Windows may cross episode boundaries: the RSSM resets
+    its state wherever is_first is set, and every window starts with is_first=True because we do not replay
+    latent states (latest [D3] does; the replay-context trick is left out)."""
+
+    def __init__(self, capacity: int, image_shape, action_dim: int, seed: int):
+        self.capacity, self.idx, self.full = capacity, 0, False
+        self.data = dict(
+            image=np.zeros((capacity, *image_shape), np.uint8),
+            action=np.zeros((capacity, action_dim), np.float32),
+            reward=np.zeros(capacity, np.float32),
+            is_first=np.zeros(capacity, bool),
+            is_terminal=np.zeros(capacity, bool),
+        )
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return self.capacity if self.full else self.idx
+
+    def add(self, image, action, reward, is_first, is_terminal):
+        for key, value in zip(self.data, (image, action, reward, is_first, is_terminal)):
+            self.data[key][self.idx] = value
+        self.idx = (self.idx + 1) % self.capacity
+        self.full = self.full or self.idx == 0
+
+    def sample(self, batch_size: int, length: int) -> dict:
+        n = len(self)
+        assert n >= length, f"replay holds {n} steps, fewer than one window of {length}"
+        starts = self.rng.integers(0, n - length + 1, batch_size)  # offsets from the oldest row
+        oldest = self.idx if self.full else 0  # a window must not run across the write head
+        rows = (oldest + starts[:, None] + np.arange(length)) % self.capacity  # (B, T)
+        batch = {k: v[rows] for k, v in self.data.items()}
+        batch["is_first"][:, 0] = True
+        return batch
+
+    def state_dict(self):
+        n = len(self)
+        return dict(idx=self.idx, full=self.full, rng=self.rng.bit_generator.state,
+                    data={k: v[:n].copy() for k, v in self.data.items()})
+
+    def load_state_dict(self, state):
+        n = len(state["data"]["reward"])
+        for k, v in state["data"].items():
+            self.data[k][:n] = v
+        self.idx, self.full = state["idx"], state["full"]
+        self.rng.bit_generator.state = state["rng"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks: every hidden layer is Linear/Conv -> RMSNorm -> SiLU, as in [D3]
+# ---------------------------------------------------------------------------------------------------------
+def mlp(inp: int, units: int, layers: int) -> nn.Sequential:
+    mods = []
+    for i in range(layers):
+        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), nn.RMSNorm(units, eps=1e-4), nn.SiLU()]
+    return nn.Sequential(*mods)
+
+
+def head(inp: int, units: int, layers: int, out: int, outscale: float) -> nn.Sequential:
+    """MLP + output layer whose initial weights are scaled by `outscale`. [D3] zero-initialises the reward
+    and value outputs (outscale 0), so early predictions are exactly 0 instead of random large numbers."""
+    linear = nn.Linear(units, out)
+    with torch.no_grad():
+        linear.weight.mul_(outscale)
+        linear.bias.zero_()
+    return nn.Sequential(mlp(inp, units, layers), linear)
+
+
+class ChannelNorm(nn.Module):
+    """RMSNorm over the channels of a (N, C, H, W) feature map (per pixel), without permuting it."""
+
+    def __init__(self, channels: int, eps: float = 1e-4):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(channels)), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight[:, None, None]
+
+
+def conv_stages(image_size: int) -> tuple[int, int]:
+    """Number of stride-2 stages that take image_size down to a 4..7 pixel grid, and that grid's side."""
+    stages, res = 0, image_size
+    while res > 7 and res % 2 == 0:
+        res, stages = res // 2, stages + 1
+    if res > 7 or stages < 2:
+        raise UsageError(f"--image-size {image_size} cannot be halved down to a 4-7 pixel grid by the CNN "
+                         "encoder/decoder; use e.g. 32, 48, 64, 96, 128 or 224")
+    return stages, res
+
+
+def cnn_channels(depth: int, stages: int) -> list[int]:
+    return [depth * min(2**i, 8) for i in range(stages)]  # depth, 2d, 4d, 8d, 8d, ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoders. Both map uint8 frames (..., h, w, 3) to embeddings (..., E).
+# ---------------------------------------------------------------------------------------------------------
+class CNNEncoder(nn.Module):
+    """DreamerV3's image encoder, trained from scratch: the paper's baseline."""
+
+    def __init__(self, image_size: int, depth: int):
+        super().__init__()
+        stages, res = conv_stages(image_size)
+        mods, cin = [], 3
+        for cout in cnn_channels(depth, stages):  # differs from paper: stride-2 4x4 convs (v1), not conv+pool
+            mods += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), ChannelNorm(cout), nn.SiLU()]
+            cin = cout
+        self.net, self.out_dim = nn.Sequential(*mods), cin * res * res
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = obs.reshape(-1, *obs.shape[-3:]).permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (B*T, 3, h, w)
+        return self.net(x).reshape(*obs.shape[:-3], self.out_dim)  # (..., E)
+
+
+PVM_DEFAULT_IDS = {"dinov2": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch32"}
+# Architectures of well-known checkpoints, so --pvm-random-init builds them offline (no config download).
+PVM_ARCHS = {
+    "facebook/dinov2-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
+    "facebook/dinov2-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
+    "facebook/dinov2-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+    "openai/clip-vit-base-patch32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                         num_attention_heads=12, patch_size=32),
+    "openai/clip-vit-base-patch16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                         num_attention_heads=12, patch_size=16),
+    "openai/clip-vit-large-patch14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                          num_attention_heads=16, patch_size=14),
+    # A 6-block, 32-wide ViT for tests and debugging on a CPU (a few ms per frame).
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2,
+                 patch_size=8, image_size=32),
+}
+# Each model's own preprocessing, from its Hugging Face image-processor config: DINOv2 resizes the short side
+# to 256 and centre-crops 224 with ImageNet statistics; CLIP resizes to 224 with its own statistics.
+PVM_NORM = {
+    "dinov2": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_ratio=224 / 256),
+    "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
+                 crop_ratio=1.0),
+}
+
+
+def load_pvm(pvm: str, pvm_id: str, random_init: bool) -> nn.Module:
+    """A transformers Dinov2Model / CLIPVisionModel: pre-trained via from_pretrained, or randomly initialised
+    from a config (tests, timing). Fails fast with one line when the weights are not reachable."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model_cls, config_cls = (Dinov2Model, Dinov2Config) if pvm == "dinov2" else (CLIPVisionModel, CLIPVisionConfig)
+    if random_init:
+        if pvm_id in PVM_ARCHS:
+            return model_cls(config_cls(**PVM_ARCHS[pvm_id]))
+        if Path(pvm_id).is_dir():
+            return model_cls(config_cls.from_pretrained(pvm_id))
+        raise UsageError(f"--pvm-random-init knows the architectures {sorted(PVM_ARCHS)}; for '{pvm_id}' pass "
+                         "a local directory that holds its config.json")
+    try:  # 1) a local directory or the Hugging Face cache: instant, no network
+        return model_cls.from_pretrained(pvm_id, local_files_only=True)
+    except OSError:
+        pass
+    fix = (f"download it on a machine with internet (it is cached under HF_HOME, now "
+           f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}), or pass a local directory with --pvm-id, "
+           "or use --pvm-random-init for an untrained model of the same architecture")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not _hub_reachable():
+        raise UsageError(f"PVM weights '{pvm_id}' are not cached and the Hugging Face Hub is unreachable: {fix}")
+    try:  # 2) download
+        return model_cls.from_pretrained(pvm_id)
+    except OSError as e:
+        raise UsageError(f"cannot load PVM '{pvm_id}' ({str(e).splitlines()[0]}): check the id, or {fix}")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect instead of huggingface_hub's ~20 s of retries when the machine is offline."""
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+class PVMEncoder(nn.Module):
+    """A pre-trained ViT (DINOv2 or CLIP) as the world model's image encoder, in one of three modes:
+      frozen:  no parameter of the ViT trains; it runs under no_grad in eval mode.
+      partial: only the last k blocks and the final norm train; the prefix (embeddings + first L-k blocks)
+               runs under no_grad, so no activation of it is kept for backward.
+      full:    every ViT parameter trains.
+    Features ([PVM]): DINOv2 -> the final-norm patch tokens (no CLS); CLIP -> `pooler_output` (the
+    post-layernorm CLS token). [PVM] flattens DINOv2-S's 256x384 tokens into a 98k-wide input of the posterior
+    MLP; we choose a learned per-token projection to `token_dim` first (256 x 16 = 4k), then a linear map to
+    E: it keeps every patch's position (control needs *where*), and costs 4M instead of 100M parameters.
+    Both paths end in RMSNorm + SiLU, as [PVM]'s encoder output does."""
+
+    def __init__(self, backbone: nn.Module, pvm: str, mode: str, finetune_blocks: int, image_size: int,
+                 out_dim: int, token_dim: int):
+        super().__init__()
+        self.backbone, self.pvm, self.mode, self.k, self.image_size = backbone, pvm, mode, finetune_blocks, image_size
+        cfg = backbone.config
+        if image_size % cfg.patch_size:
+            raise UsageError(f"--pvm-image-size {image_size} is not a multiple of the PVM's patch size "
+                             f"{cfg.patch_size}; use e.g. {cfg.patch_size * (image_size // cfg.patch_size or 1)}")
+        depth = len(self.blocks)
+        if mode == "partial" and not 1 <= finetune_blocks <= depth:
+            raise UsageError(f"--finetune-blocks {finetune_blocks} must be in 1..{depth} (the PVM's depth)")
+        norm = PVM_NORM[pvm]
+        self.register_buffer("mean", torch.tensor(norm["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(norm["std"]).view(1, 3, 1, 1), persistent=False)
+        self.crop_ratio = norm["crop_ratio"]
+        width = cfg.hidden_size
+        if pvm == "dinov2":
+            patches = (image_size // cfg.patch_size) ** 2
+            self.skip = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS (+ registers) precede the patches
+            self.proj = nn.Sequential(nn.Linear(width, token_dim), nn.Flatten(-2), nn.Linear(patches * token_dim, out_dim))
+        else:
+            self.proj = nn.Linear(width, out_dim)
+        self.out = nn.Sequential(nn.RMSNorm(out_dim, eps=1e-4), nn.SiLU())
+        self.out_dim = out_dim
+        # Which ViT parameters train: this is the frozen / partial / full switch.
+        for p in backbone.parameters():
+            p.requires_grad_(mode == "full")
+        if mode == "partial":
+            for m in [*self.blocks[depth - finetune_blocks:], self.final_norm]:
+                for p in m.parameters():
+                    p.requires_grad_(True)
+        self.backbone.eval()
+
+    # Named views of the two architectures' parts (properties, so nothing is registered twice).
+    @property
+    def blocks(self):
+        return self.backbone.encoder.layer if self.pvm == "dinov2" else self.backbone.vision_model.encoder.layers
+
+    @property
+    def final_norm(self):
+        return self.backbone.layernorm if self.pvm == "dinov2" else self.backbone.vision_model.post_layernorm
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # dropout/drop-path stay off even while fine-tuning: the RL signal is noisy enough
+        return self
+
+    def preprocess(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, h, w, 3) -> the PVM's normalised input (N, 3, R, R): bicubic resize (to R / crop_ratio),
+        centre crop R, then the model's mean/std. Same maths as its Hugging Face image processor."""
+        x = obs.permute(0, 3, 1, 2).float() / 255.0
+        resized = round(self.image_size / self.crop_ratio)
+        x = F.interpolate(x, size=(resized, resized), mode="bicubic", align_corners=False, antialias=True)
+        off = (resized - self.image_size) // 2
+        x = x[:, :, off:off + self.image_size, off:off + self.image_size].clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    def _run(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        for blk in blocks:
+            x = blk(x) if self.pvm == "dinov2" else blk(x, None, None)[0]
+        return x
+
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, h, w, 3) -> DINOv2 patch tokens (N, P, W) or CLIP pooled output (N, W)."""
+        x = self.preprocess(obs)  # (N, 3, R, R)
+        depth, k = len(self.blocks), {"frozen": 0, "partial": self.k, "full": len(self.blocks)}[self.mode]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "full"):  # the frozen prefix
+            if self.pvm == "dinov2":
+                h = self.backbone.embeddings(x)
+            else:
+                vm = self.backbone.vision_model
+                h = vm.pre_layrnorm(vm.embeddings(x, interpolate_pos_encoding=self.image_size != vm.config.image_size))
+            h = self._run(h, self.blocks[:depth - k])  # (N, 1+P, W)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode != "frozen"):  # the trained suffix
+            h = self._run(h, self.blocks[depth - k:])
+            if self.pvm == "dinov2":
+                return self.final_norm(h)[:, self.skip:]  # (N, P, W)
+            return self.final_norm(h[:, 0])  # (N, W)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        feats = self.features(obs.reshape(-1, *obs.shape[-3:]))
+        return self.out(self.proj(feats)).reshape(*obs.shape[:-3], self.out_dim)  # (..., E)
+
+
+def make_encoder(args: Args) -> nn.Module:
+    cnn = CNNEncoder(args.image_size, SIZES[args.size]["depth"])
+    if args.pvm == "none":
+        return cnn
+    pvm_id = args.pvm_id or PVM_DEFAULT_IDS[args.pvm]
+    backbone = load_pvm(args.pvm, pvm_id, args.pvm_random_init)
+    # E equals the CNN's output width at this size, so both encoders feed the posterior equally wide inputs.
+    return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size, cnn.out_dim,
+                      args.pvm_token_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# World model: RSSM with categorical latents, image decoder, reward and continue heads ([D3] Sec. 2)
+# ---------------------------------------------------------------------------------------------------------
+class BlockLinear(nn.Module):
+    """G independent linear maps on G slices: a block-diagonal weight. [D3]'s RSSM splits its GRU into 8
+    blocks so a wide deterministic state costs G times fewer FLOPs and parameters than a dense GRU."""
+
+    def __init__(self, groups: int, din: int, dout: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(groups, din, dout) / din**0.5)
+        self.bias = nn.Parameter(torch.zeros(groups, dout))
+
+    def forward(self, x):  # (N, G, din) -> (N, G, dout)
+        return torch.baddbmm(self.bias[:, None], x.transpose(0, 1), self.weight).transpose(0, 1)
+
+
+class RSSM(nn.Module):
+    """h_t = GRU(h_{t-1}, z_{t-1}, a_{t-1});  prior p(z_t | h_t);  posterior q(z_t | h_t, e_t).
+    z_t is S one-hot categoricals of C classes, sampled with straight-through gradients and 1% unimix."""
+
+    def __init__(self, embed_dim, action_dim, deter, hidden, stoch, classes, blocks, unimix, **_):
+        super().__init__()
+        assert deter % blocks == 0, (deter, blocks)
+        self.deter, self.stoch, self.classes, self.blocks, self.unimix = deter, stoch, classes, blocks, unimix
+        self.in_deter = mlp(deter, hidden, 1)
+        self.in_stoch = mlp(stoch * classes, hidden, 1)
+        self.in_action = mlp(action_dim, hidden, 1)
+        self.gru_hidden = BlockLinear(blocks, 3 * hidden + deter // blocks, deter // blocks)
+        self.gru_norm = nn.RMSNorm(deter // blocks, eps=1e-4)
+        self.gru_gates = BlockLinear(blocks, deter // blocks, 3 * deter // blocks)
+        self.prior_net = nn.Sequential(mlp(deter, hidden, 2), nn.Linear(hidden, stoch * classes))
+        self.post_net = nn.Sequential(mlp(deter + embed_dim, hidden, 1), nn.Linear(hidden, stoch * classes))
+
+    def initial(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(n, self.deter, device=device), torch.zeros(n, self.stoch * self.classes, device=device)
+
+    def core(self, deter, stoch, action):
+        """Block GRU step, as `_core` in [D3]'s rssm.py. (N, D), (N, S*C), (N, A) -> (N, D)."""
+        action = action / action.abs().clamp(min=1).detach()  # stop-grad: only rescales actions outside [-1, 1]
+        x = torch.cat([self.in_deter(deter), self.in_stoch(stoch), self.in_action(action)], -1)  # (N, 3h)
+        g = self.blocks
+        deter_g = deter.unflatten(-1, (g, -1))  # (N, G, D/G)
+        x = torch.cat([x.unsqueeze(1).expand(-1, g, -1), deter_g], -1)  # (N, G, 3h + D/G)
+        x = F.silu(self.gru_norm(self.gru_hidden(x)))  # (N, G, D/G)
+        reset, cand, update = self.gru_gates(x).chunk(3, -1)  # 3 x (N, G, D/G)
+        reset = torch.sigmoid(reset)
+        cand = torch.tanh(reset * cand)
+        update = torch.sigmoid(update - 1)  # bias -1: start by mostly keeping the old state
+        return (update * cand + (1 - update) * deter_g).flatten(1)  # (N, D)
+
+    def logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities with 1% uniform mixed in ([D3] 'unimix'): keeps KL and log-probs finite."""
+        probs = raw.unflatten(-1, (self.stoch, self.classes)).softmax(-1)  # (..., S, C)
+        return torch.log((1 - self.unimix) * probs + self.unimix / self.classes)
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One-hot sample (Gumbel-max) with straight-through gradients; (..., S, C) -> (..., S*C)."""
+        gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-20, 1.0)))
+        onehot = F.one_hot((logits + gumbel).argmax(-1), self.classes).to(logits.dtype)
+        probs = logits.exp()
+        return (onehot + probs - probs.detach()).flatten(-2)  # stop-grad: straight-through estimator
+
+    def prior(self, deter):  # (..., D) -> (..., S, C)
+        return self.logits(self.prior_net(deter))
+
+    def img_step(self, deter, stoch, action):
+        deter = self.core(deter, stoch, action)
+        return deter, self.sample(self.prior(deter))
+
+    def obs_step(self, deter, stoch, action, embed, is_first):
+        keep = (~is_first).float().unsqueeze(-1)  # (N, 1): a new episode starts from the zero state
+        deter = self.core(deter * keep, stoch * keep, action * keep)  # (N, D)
+        logits = self.logits(self.post_net(torch.cat([deter, embed], -1)))  # (N, S, C)
+        return deter, self.sample(logits), logits
+
+    def observe(self, embed, action, is_first):
+        """Filter a batch of sequences. embed (B, T, E), action (B, T, A) = prevact, is_first (B, T)."""
+        deter, stoch = self.initial(embed.shape[0], embed.device)
+        out = []
+        for t in range(embed.shape[1]):  # the prior is computed afterwards in one batch: it only needs h_t
+            deter, stoch, logits = self.obs_step(deter, stoch, action[:, t], embed[:, t], is_first[:, t])
+            out.append((deter, stoch, logits))
+        deter, stoch, post = (torch.stack(x, 1) for x in zip(*out))
+        return deter, stoch, post  # (B, T, D), (B, T, S*C), (B, T, S, C)
+
+
+def categorical_kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) summed over the S groups; log-probs (..., S, C) -> (...)."""
+    return (lp.exp() * (lp - lq)).sum((-2, -1))
+
+
+class Decoder(nn.Module):
+    """Model features -> the frame, mirroring the CNN encoder with transposed convs. Kept for every encoder,
+    as [PVM] keeps DreamerV3's reconstruction loss also with a PVM."""
+
+    def __init__(self, feat_dim: int, image_size: int, depth: int):
+        super().__init__()
+        stages, self.res = conv_stages(image_size)
+        chans = cnn_channels(depth, stages)[::-1]  # ..., 4d, 2d, d
+        self.fc = nn.Linear(feat_dim, chans[0] * self.res**2)
+        mods = []
+        for cin, cout in zip(chans, chans[1:] + [3]):
+            mods += [ChannelNorm(cin), nn.SiLU(), nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:  # (..., F) -> (..., 3, h, w), target frame/255 - 0.5
+        x = self.fc(feat.reshape(-1, feat.shape[-1])).unflatten(-1, (-1, self.res, self.res))
+        x = self.net(x)
+        return x.reshape(*feat.shape[:-1], *x.shape[1:])
+
+
+class WorldModel(nn.Module):
+    def __init__(self, encoder: nn.Module, action_dim: int, args: Args):
+        super().__init__()
+        s = SIZES[args.size]
+        self.encoder = encoder
+        self.rssm = RSSM(encoder.out_dim, action_dim, unimix=args.unimix, **s)
+        feat = s["deter"] + s["stoch"] * s["classes"]
+        self.decoder = Decoder(feat, args.image_size, s["depth"])
+        self.reward = head(feat, s["units"], 1, len(BINS), outscale=0.0)
+        self.cont = head(feat, s["units"], 1, 1, outscale=1.0)
+        self.register_buffer("bins", BINS.clone(), persistent=False)
+        self.free_nats = args.free_nats
+
+    def loss(self, batch: dict) -> tuple[dict, tuple]:
+        """Losses as a dict of (B, T) tensors, and the posterior states that start imagination."""
+        image = batch["image"]  # (B, T, h, w, 3) uint8
+        embed = self.encoder(image)  # (B, T, E)
+        deter, stoch, post = self.rssm.observe(embed, batch["action"], batch["is_first"])
+        prior = self.rssm.prior(deter)  # (B, T, S, C)
+        feat = torch.cat([deter, stoch], -1)  # (B, T, F)
+        target = image.permute(0, 1, 4, 2, 3).float() / 255.0 - 0.5  # (B, T, 3, h, w)
+        losses = {
+            "rec": (self.decoder(feat) - target).pow(2).sum((-3, -2, -1)),  # sum over pixels, as [D3]
+            "rew": twohot_loss(self.reward(feat), batch["reward"], self.bins),
+            "con": F.binary_cross_entropy_with_logits(
+                self.cont(feat).squeeze(-1), 1.0 - batch["is_terminal"].float(), reduction="none"),
+            # KL balancing with free bits ([D3] eq. 5): the prior moves toward the posterior (dyn) faster than
+            # the posterior toward the prior (rep); below free_nats neither is pushed further.
+            "dyn": categorical_kl(post.detach(), prior).clamp(min=self.free_nats),  # stop-grad: trains prior only
+            "rep": categorical_kl(post, prior.detach()).clamp(min=self.free_nats),  # stop-grad: trains posterior
+        }
+        assert all(v.shape == image.shape[:2] for v in losses.values()), {k: v.shape for k, v in losses.items()}
+        return losses, (deter, stoch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Actor-critic, trained on imagined rollouts ([D3] Sec. 3)
+# ---------------------------------------------------------------------------------------------------------
+def actor_dist(out: torch.Tensor, minstd=0.1, maxstd=1.0) -> torch.distributions.Distribution:
+    """[D3]'s 'bounded_normal': mean squashed into [-1, 1] by tanh, std kept in [minstd, maxstd]."""
+    mean, std = out.chunk(2, -1)
+    std = (maxstd - minstd) * torch.sigmoid(std + 2.0) + minstd
+    return torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std), 1)
+
+
+class Dreamer(nn.Module):
+    def __init__(self, encoder: nn.Module, action_dim: int, args: Args):
+        super().__init__()
+        s = SIZES[args.size]
+        self.wm = WorldModel(encoder, action_dim, args)
+        feat = s["deter"] + s["stoch"] * s["classes"]
+        self.actor = head(feat, s["units"], 3, 2 * action_dim, outscale=0.01)
+        self.critic = head(feat, s["units"], 3, len(BINS), outscale=0.0)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)  # EMA copy, regularises the critic
+        self.retnorm = ReturnNorm()
+        self.args, self.action_dim = args, action_dim
+
+    @torch.no_grad()
+    def imagine(self, deter, stoch):
+        """Roll the prior forward H steps from N start states with the current policy. No gradient flows
+        through the rollout: [D3] (latest) trains the actor with REINFORCE for continuous actions too
+        (`ac_grads: False`), which also makes imagination cheap.  # ABLATION POINT: dynamics backprop"""
+        feats, raw_actions = [torch.cat([deter, stoch], -1)], []
+        for _ in range(self.args.imag_horizon):
+            raw = actor_dist(self.actor(feats[-1])).sample()  # (N, A)
+            deter, stoch = self.wm.rssm.img_step(deter, stoch, raw.clamp(-1, 1))
+            feats.append(torch.cat([deter, stoch], -1))
+            raw_actions.append(raw)
+        return torch.stack(feats), torch.stack(raw_actions)  # (H+1, N, F), (H, N, A)
+
+    def ac_loss(self, deter, stoch) -> dict:
+        a, bins = self.args, self.wm.bins
+        feats, raw = self.imagine(deter, stoch)
+        with torch.no_grad():
+            reward = twohot_mean(self.wm.reward(feats[1:]), bins)  # (H, N)
+            disc = (1 - 1 / a.horizon) * torch.sigmoid(self.wm.cont(feats[1:]).squeeze(-1))  # (H, N)
+            value = twohot_mean(self.critic(feats), bins)  # (H+1, N)
+            ret = lambda_return(reward, disc, value, a.lam)  # (H, N)
+            # Weight of each imagined step: the probability that the episode is still running there.
+            weight = torch.cumprod(torch.cat([torch.ones_like(disc[:1]), disc[:-1]]), 0)  # (H, N)
+            adv = (ret - value[:-1]) / self.retnorm.update(ret)  # (H, N)
+            slow = twohot_mean(self.slow_critic(feats[:-1]), bins)  # (H, N)
+        dist = actor_dist(self.actor(feats[:-1]))
+        logp, ent = dist.log_prob(raw), dist.entropy()  # (H, N)
+        policy = -(logp * adv + a.actor_entropy * ent)  # REINFORCE on normalised advantages ([D3] eq. 11)
+        logits = self.critic(feats[:-1])  # (H, N, K)
+        value_loss = twohot_loss(logits, ret, bins) + twohot_loss(logits, slow, bins)  # slowreg weight 1
+        metrics = dict(ret=ret.mean(), adv_scale=self.retnorm.scale(), entropy=ent.mean(), imag_reward=reward.mean())
+        return dict(policy=(weight * policy).mean(), value=(weight * value_loss).mean()), metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimisers and one training step
+# ---------------------------------------------------------------------------------------------------------
+def make_optimizers(agent: Dreamer, args: Args) -> dict:
+    """Adam per module, over parameters that require grad only (nanoGPT's configure_optimizers). The PVM's
+    trainable parameters get their own group at wm_lr * encoder_lr_scale ([PVM]).
+    differs from paper: [D3] v1 Adam settings (eps 1e-8 / 1e-5) instead of the latest LaProp + AGC."""
+    enc = agent.wm.encoder
+    pvm_params = [p for p in enc.backbone.parameters() if p.requires_grad] if isinstance(enc, PVMEncoder) else []
+    pvm_ids = {id(p) for p in pvm_params}
+    wm_params = [p for p in agent.wm.parameters() if p.requires_grad and id(p) not in pvm_ids]
+    groups = [dict(params=wm_params, lr=args.wm_lr)]
+    if pvm_params:
+        groups.append(dict(params=pvm_params, lr=args.wm_lr * args.encoder_lr_scale))
+    return dict(
+        wm=torch.optim.Adam(groups, eps=1e-8),
+        actor=torch.optim.Adam(agent.actor.parameters(), lr=args.actor_lr, eps=1e-5),
+        critic=torch.optim.Adam(agent.critic.parameters(), lr=args.critic_lr, eps=1e-5),
+    )
+
+
+def encoder_summary(agent: Dreamer, args: Args) -> str:
+    enc = agent.wm.encoder
+    count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+    trainable = count(p for p in enc.parameters() if p.requires_grad)
+    frozen = count(p for p in enc.parameters() if not p.requires_grad)
+    name = "cnn (from scratch)" if args.pvm == "none" else (
+        f"{args.pvm} '{args.pvm_id or PVM_DEFAULT_IDS[args.pvm]}' mode={args.mode}"
+        + (f" (last {args.finetune_blocks} of {len(enc.blocks)} blocks + final norm)" if args.mode == "partial" else ""))
+    return (f"encoder: {name}: {trainable / 1e6:.2f}M trainable / {frozen / 1e6:.2f}M frozen params; "
+            f"whole agent {count(agent.parameters()) / 1e6:.2f}M")
+
+
+def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
+    """One world-model update on a replayed batch, then one actor-critic update in imagination."""
+    wm_losses, (deter, stoch) = agent.wm.loss(batch)
+    scales = dict(rec=1.0, rew=1.0, con=1.0, dyn=agent.args.dyn_scale, rep=agent.args.rep_scale)
+    assert set(wm_losses) == set(scales), (wm_losses.keys(), scales.keys())
+    wm_loss = sum(scales[k] * v.mean() for k, v in wm_losses.items())
+    opt["wm"].zero_grad(set_to_none=True)
+    wm_loss.backward()
+    wm_norm = nn.utils.clip_grad_norm_([p for g in opt["wm"].param_groups for p in g["params"]], 1000.0)
+    opt["wm"].step()
+
+    # Imagination starts from every posterior state of the batch, detached from the world model.
+    start = (deter.detach().flatten(0, 1), stoch.detach().flatten(0, 1))  # stop-grad: (N, D), (N, S*C)
+    ac_losses, ac_metrics = agent.ac_loss(*start)
+    opt["actor"].zero_grad(set_to_none=True)
+    opt["critic"].zero_grad(set_to_none=True)
+    (ac_losses["policy"] + ac_losses["value"]).backward()  # the two losses touch disjoint parameters
+    actor_norm = nn.utils.clip_grad_norm_(agent.actor.parameters(), 100.0)
+    critic_norm = nn.utils.clip_grad_norm_(agent.critic.parameters(), 100.0)
+    opt["actor"].step()
+    opt["critic"].step()
+    with torch.no_grad():  # slow critic: EMA of the critic, rate 0.02 every update ([D3] `slowvalue`)
+        for slow, fast in zip(agent.slow_critic.parameters(), agent.critic.parameters()):
+            slow.lerp_(fast, agent.args.slow_critic_rate)
+
+    metrics = {f"wm/loss_{k}": v.mean() for k, v in wm_losses.items()}
+    metrics.update({"wm/loss": wm_loss, "wm/grad_norm": wm_norm, "ac/actor_grad_norm": actor_norm,
+                    "ac/critic_grad_norm": critic_norm, "ac/loss_policy": ac_losses["policy"],
+                    "ac/loss_value": ac_losses["value"]})
+    metrics.update({f"ac/{k}": v for k, v in ac_metrics.items()})
+    values = torch.stack([torch.as_tensor(v).detach().float() for v in metrics.values()]).tolist()  # one sync
+    return dict(zip(metrics, values))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Acting and evaluation
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def act(agent: Dreamer, obs: np.ndarray, state, is_first: bool, explore: bool):
+    """Filter one frame into the latent state and pick an action. state = (deter, stoch, prevact)."""
+    device = agent.wm.bins.device
+    deter, stoch, prev_action = state
+    embed = agent.wm.encoder(torch.as_tensor(obs, device=device)[None])  # (1, E)
+    first = torch.tensor([is_first], device=device)
+    deter, stoch, _ = agent.wm.rssm.obs_step(deter, stoch, prev_action, embed, first)
+    dist = actor_dist(agent.actor(torch.cat([deter, stoch], -1)))
+    action = (dist.sample() if explore else dist.mean).clamp(-1, 1)  # (1, A)
+    return action[0].cpu().numpy(), (deter, stoch, action)
+
+
+def initial_state(agent: Dreamer):
+    device = agent.wm.bins.device
+    deter, stoch = agent.wm.rssm.initial(1, device)
+    return deter, stoch, torch.zeros(1, agent.action_dim, device=device)
+
+
+def evaluate(agent: Dreamer | None, env, episodes: int, seed: int, video_path: str = "") -> np.ndarray:
+    """Returns of `episodes` episodes with the policy's mean action (agent=None: uniform random actions,
+    the baseline of the drop metric). Episode i is reset with seed + i, so every policy sees the same starts."""
+    returns, frames = [], []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        state = initial_state(agent) if agent is not None else None
+        done, is_first, total = False, True, 0.0
+        while not done:
+            if video_path and ep == 0:
+                frames.append(obs)
+            if agent is None:
+                action = env.action_space.sample()
+            else:
+                action, state = act(agent, obs, state, is_first, explore=False)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, is_first, done = total + float(reward), False, terminated or truncated
+        returns.append(total)
+    if frames:
+        import imageio
+
+        Path(video_path).parent.mkdir(parents=True, exist_ok=True)
+        imageio.mimsave(video_path, frames, fps=20, macro_block_size=1)
+    return np.array(returns)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 1
+# Flags that define the networks: a checkpoint only loads into a run with the same values.
+ARCH_FLAGS = ("env", "pvm", "pvm_id", "mode", "finetune_blocks", "size", "image_size", "pvm_image_size",
+              "pvm_token_dim", "action_repeat")
+
+
+def save_checkpoint(path: Path, agent, opt, replay, step: int, updates: int, args: Args):
+    state = dict(format=CHECKPOINT_FORMAT, args=asdict(args), step=step, updates=updates,
+                 agent=agent.state_dict(), opt={k: o.state_dict() for k, o in opt.items()},
+                 replay=replay.state_dict() if args.checkpoint_replay else None,
+                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:  # write, flush to disk, then rename: a crash never leaves a half checkpoint
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, args: Args) -> dict:
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise UsageError(f"no checkpoint at {path}: pass a run directory that holds checkpoint.pt, or the file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or not a torch file
+        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}); it may be truncated: "
+                         "restore a copy or start a new run")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"checkpoint {path} is not a pvm-dreamer format-{CHECKPOINT_FORMAT} checkpoint")
+    diff = {k: (state["args"].get(k), getattr(args, k)) for k in ARCH_FLAGS if state["args"].get(k) != getattr(args, k)}
+    if diff:
+        flags = " ".join(f"--{k.replace('_', '-')} {v[0]}" for k, v in diff.items())
+        raise UsageError(f"checkpoint {path} was trained with other settings; rerun with {flags}")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main loop: collect -> replay -> train at --train-ratio, with logging, evaluation and checkpoints
+# ---------------------------------------------------------------------------------------------------------
+class Logger:
+    """TensorBoard (runs/<name>, as CleanRL) plus metrics.jsonl, one JSON row per logged step."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.jsonl.exists():  # drop rows written after the checkpoint
+            rows = [r for r in self.jsonl.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
+            self.jsonl.write_text("".join(r + "\n" for r in rows))
+        # purge_step hides TensorBoard events logged after the checkpoint by the run that crashed.
+        self.writer = SummaryWriter(str(run_dir), purge_step=resume_step)
+
+    def log(self, step: int, metrics: dict):
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def close(self):
+        self.writer.close()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} but torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def make_run_env(args: Args):
+    try:
+        return envs.make_env(args.env, image_size=args.image_size, seed=args.seed, action_repeat=args.action_repeat)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
+
+
+def to_torch(batch: dict, device) -> dict:
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+
+
+def run_eval(agent, env, args: Args, run_dir: Path, step: int) -> dict:
+    video = str(run_dir / "videos" / f"eval_{step}.mp4") if args.capture_video else ""
+    rets = evaluate(agent, env, args.eval_episodes, args.seed + 10_000, video)
+    return {"eval/return_mean": float(rets.mean()), "eval/return_std": float(rets.std())}
+
+
+def train(args: Args):
+    from tqdm import tqdm
+
+    device = resolve_device(args.device)
+    seed_everything(args.seed, args.torch_deterministic)
+    conv_stages(args.image_size)  # validate the frame size before anything is built or written
+    env = make_run_env(args)
+    action_dim = env.action_space.shape[0]
+    agent = Dreamer(make_encoder(args), action_dim, args).to(device)
+    opt = make_optimizers(agent, args)
+    replay = Replay(args.replay_size, env.observation_space.shape, action_dim, args.seed)
+    step = updates = 0
+    state = None
+    if args.resume:
+        state = load_checkpoint(Path(args.resume), args)
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    else:
+        encoder_name = "cnn" if args.pvm == "none" else f"{args.pvm}-{args.mode}"
+        run_dir = Path(args.logdir) / (args.run_name or f"{args.env}__{encoder_name}__{args.seed}__{int(time.time())}")
+        if (run_dir / "checkpoint.pt").exists():
+            raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --run-name")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if state is not None:
+        agent.load_state_dict(state["agent"])
+        for k, o in opt.items():
+            o.load_state_dict(state["opt"][k])
+        if state["replay"] is not None:
+            replay.load_state_dict(state["replay"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        step, updates = state["step"], state["updates"]
+    print(encoder_summary(agent, args))
+    if args.pvm != "none" and args.pvm_random_init:
+        print("WARNING: the PVM is RANDOMLY INITIALISED (--pvm-random-init): NOT pre-trained; results from this "
+              "run say nothing about pre-trained features.")
+
+    if args.eval_only:
+        if state is None:
+            raise UsageError("--eval-only needs --resume RUN_DIR (the checkpoint to evaluate)")
+        rets = evaluate(agent, env, args.eval_episodes, args.seed + 10_000,
+                        str(run_dir / "videos" / f"eval_only_{step}.mp4") if args.capture_video else "")
+        result = dict(step=step, episodes=len(rets), mean=float(rets.mean()), std=float(rets.std()), returns=rets.tolist())
+        (run_dir / f"eval_{step}.json").write_text(json.dumps(result, indent=1))
+        print(f"eval at step {step}: return {rets.mean():.2f} +- {rets.std():.2f} over {len(rets)} episodes")
+        env.close()
+        return result
+
+    logger = Logger(run_dir, resume_step=step if state is not None else None)
+    if state is None:
+        hp = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        logger.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + hp)
+        logger.writer.add_text("encoder", encoder_summary(agent, args))
+        if args.eval_episodes:  # the random policy's return, measured once by the same evaluation code
+            rets = evaluate(None, env, args.eval_episodes, args.seed + 10_000)
+            logger.log(0, {"eval/random_return_mean": float(rets.mean()), "eval/random_return_std": float(rets.std())})
+    batch_steps = args.batch_size * args.batch_length
+    updates_due = 0.0
+    next_log, next_eval, next_ckpt = (step // n * n + n if n else args.total_steps
+                                      for n in (args.log_every, args.eval_every, args.checkpoint_every))
+    obs, _ = env.reset(seed=args.seed + step)  # a resumed run starts a fresh episode
+    replay.add(obs, np.zeros(action_dim), 0.0, True, False)
+    act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
+    train_metrics, start_time, start_step = {}, time.time(), step
+    last_eval = last_ckpt = step if state is not None else -1
+    pbar = tqdm(total=args.total_steps, initial=step, unit="step", mininterval=2.0, dynamic_ncols=True)
+    while step < args.total_steps:
+        if step < args.learning_starts:
+            action = env.action_space.sample()
+        else:
+            action, act_state = act(agent, obs, act_state, is_first, explore=True)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        step, is_first, ep_return, ep_len = step + 1, False, ep_return + float(reward), ep_len + 1
+        replay.add(obs, action, reward, False, terminated)
+        pbar.update(1)
+
+        if step >= args.learning_starts and len(replay) >= args.batch_length:
+            updates_due += args.train_ratio / batch_steps
+            while updates_due >= 1:
+                for k, v in train_step(agent, opt, to_torch(replay.sample(args.batch_size, args.batch_length), device)).items():
+                    train_metrics.setdefault(k, []).append(v)
+                updates, updates_due = updates + 1, updates_due - 1
+
+        if not (terminated or truncated):
+            continue
+        # ---- episode boundary: log, evaluate, checkpoint (evaluation uses this env, so only between episodes)
+        sps = (step - start_step) / (time.time() - start_time)
+        episode_log = {"charts/episodic_return": ep_return, "charts/episodic_length": ep_len, "charts/sps": sps,
+                       "charts/updates": updates}
+        if step >= next_log and train_metrics:
+            episode_log.update({k: float(np.mean(v)) for k, v in train_metrics.items()})
+            train_metrics, next_log = {}, next_log + args.log_every
+        if args.eval_episodes and args.eval_every and step >= next_eval:
+            episode_log.update(run_eval(agent, env, args, run_dir, step))
+            next_eval = step // args.eval_every * args.eval_every + args.eval_every
+            last_eval = step
+        logger.log(step, episode_log)
+        pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{ep_return:.1f}", upd=updates, refresh=False)
+        if step >= next_ckpt:
+            save_checkpoint(run_dir / "checkpoint.pt", agent, opt, replay, step, updates, args)
+            next_ckpt, last_ckpt = step // args.checkpoint_every * args.checkpoint_every + args.checkpoint_every, step
+        obs, _ = env.reset()
+        replay.add(obs, np.zeros(action_dim), 0.0, True, False)
+        act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
+    pbar.close()
+    # ---- end of training: a final evaluation and checkpoint, unless the last episode boundary did them
+    if args.eval_episodes and last_eval != step:
+        logger.log(step, run_eval(agent, env, args, run_dir, step))
+    if last_ckpt != step:
+        save_checkpoint(run_dir / "checkpoint.pt", agent, opt, replay, step, updates, args)
+    logger.close()
+    env.close()
+    print(f"done: {step} steps, {updates} updates; run in {run_dir}")
+    return dict(run_dir=str(run_dir), step=step, updates=updates)
+
+
+def main(argv=None):
+    import tyro
+
+    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    try:
+        return train(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,356 @@
+"""Tests for pvm-dreamer. Offline, CPU, tiny models; `pytest -q` runs them all in a few minutes."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pvm_dreamer as pd
+
+REPO = Path(__file__).resolve().parent
+TINY = dict(size="tiny", image_size=32, pvm_image_size=32, pvm_id="tiny", pvm_random_init=True)
+
+
+def tiny_args(**kw) -> pd.Args:
+    return pd.Args(**{**TINY, "batch_size": 2, "batch_length": 8, **kw})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Math
+# ---------------------------------------------------------------------------------------------------------
+def test_symlog_symexp_roundtrip():
+    x = torch.tensor([-1e6, -10.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 10.0, 1e6])
+    torch.testing.assert_close(pd.symexp(pd.symlog(x)), x, rtol=1e-5, atol=1e-6)
+    assert pd.symlog(torch.tensor(1e6)) < 14  # squashes large values
+
+
+def test_twohot_roundtrip_and_loss():
+    bins = pd.BINS
+    y = torch.tensor([-19.99, -3.3, -0.01, 0.0, 0.123, 7.77, 20.0])
+    code = pd.twohot(y, bins)
+    assert code.shape == (7, 255)
+    torch.testing.assert_close(code.sum(-1), torch.ones(7))
+    assert ((code > 0).sum(-1) <= 2).all()
+    torch.testing.assert_close((code * bins).sum(-1), y, atol=1e-5, rtol=0)
+    # A head whose logits are the log of the two-hot code predicts the target back in raw units.
+    target = torch.tensor([-250.0, -1.5, 0.0, 3.0, 1234.0])
+    logits = torch.log(pd.twohot(pd.symlog(target), bins) + 1e-12)
+    torch.testing.assert_close(pd.twohot_mean(logits, bins), target, rtol=1e-3, atol=1e-3)
+    # The loss is lowest for the right target.
+    assert pd.twohot_loss(logits, target, bins).sum() < pd.twohot_loss(logits, target + 5, bins).sum()
+
+
+def test_lambda_return_limits():
+    reward = torch.tensor([[1.0], [2.0], [3.0]])  # (H=3, N=1)
+    disc = torch.full((3, 1), 0.5)
+    value = torch.tensor([[10.0], [20.0], [30.0], [40.0]])
+    # lam = 1: discounted Monte-Carlo return bootstrapped from the last value.
+    mc = pd.lambda_return(reward, disc, value, 1.0)
+    assert mc[0].item() == pytest.approx(1 + 0.5 * (2 + 0.5 * (3 + 0.5 * 40)))
+    # lam = 0: one-step TD targets.
+    td = pd.lambda_return(reward, disc, value, 0.0)
+    torch.testing.assert_close(td[:, 0], torch.tensor([1 + 0.5 * 20, 2 + 0.5 * 30, 3 + 0.5 * 40]))
+
+
+def test_return_norm_never_amplifies_and_tracks_range():
+    norm = pd.ReturnNorm(rate=1.0)  # rate 1: no averaging, so the scale equals this batch's range
+    assert norm.update(torch.linspace(0, 0.5, 101)).item() == 1.0  # range 0.475 < 1: scale stays 1
+    assert norm.update(torch.linspace(0, 100, 101)).item() == pytest.approx(90.0, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Replay
+# ---------------------------------------------------------------------------------------------------------
+def test_replay_windows_are_contiguous_and_start_an_episode():
+    rb = pd.Replay(capacity=50, image_shape=(4, 4, 3), action_dim=2, seed=0)
+    for t in range(130):  # wraps around twice; reward holds the global step index
+        rb.add(np.full((4, 4, 3), t % 256, np.uint8), np.array([t, -t]), float(t), t % 17 == 0, False)
+    assert len(rb) == 50
+    batch = rb.sample(64, 10)
+    assert batch["image"].shape == (64, 10, 4, 4, 3) and batch["image"].dtype == np.uint8
+    assert batch["action"].shape == (64, 10, 2) and batch["reward"].shape == (64, 10)
+    assert batch["is_first"][:, 0].all()
+    # Windows never cross the write head: each one is 10 consecutive steps from the newest 50.
+    np.testing.assert_array_equal(np.diff(batch["reward"], axis=1), 1)
+    assert batch["reward"].min() >= 80 and batch["reward"].max() <= 129
+    # state_dict round trip keeps the data and the sampler's RNG.
+    rb2 = pd.Replay(capacity=50, image_shape=(4, 4, 3), action_dim=2, seed=123)
+    rb2.load_state_dict(rb.state_dict())
+    a, b = rb.sample(4, 10), rb2.sample(4, 10)
+    np.testing.assert_array_equal(a["reward"], b["reward"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# World model
+# ---------------------------------------------------------------------------------------------------------
+def fake_batch(B=2, T=8, size=32, A=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(image=torch.randint(0, 256, (B, T, size, size, 3), generator=g, dtype=torch.uint8),
+                action=torch.rand(B, T, A, generator=g) * 2 - 1, reward=torch.randn(B, T, generator=g),
+                is_first=torch.zeros(B, T, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True),
+                is_terminal=torch.zeros(B, T, dtype=torch.bool))
+
+
+def test_rssm_and_heads_shapes():
+    torch.manual_seed(0)
+    args = tiny_args()
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    s = pd.SIZES["tiny"]
+    S, C, D = s["stoch"], s["classes"], s["deter"]
+    batch = fake_batch()
+    losses, (deter, stoch) = agent.wm.loss(batch)
+    assert set(losses) == set(pd.LOSS_SCALES_WM)
+    assert all(v.shape == (2, 8) for v in losses.values())
+    assert deter.shape == (2, 8, D) and stoch.shape == (2, 8, S * C)
+    # Latents are one-hot per group in the forward pass.
+    torch.testing.assert_close(stoch.unflatten(-1, (S, C)).sum(-1), torch.ones(2, 8, S))
+    assert agent.wm.decoder(torch.cat([deter, stoch], -1)).shape == (2, 8, 3, 32, 32)
+    feats, raw = agent.imagine(deter.flatten(0, 1), stoch.flatten(0, 1))
+    assert feats.shape == (16, 16, D + S * C) and raw.shape == (15, 16, 2)
+    # Zero-initialised reward and value outputs predict exactly 0 at the start ([D3]).
+    assert pd.twohot_mean(agent.wm.reward(feats), agent.wm.bins).abs().max() < 1e-5
+
+
+def test_rssm_resets_on_is_first():
+    torch.manual_seed(0)
+    args = tiny_args()
+    wm = pd.Dreamer(pd.make_encoder(args), 2, args).wm
+    embed = torch.randn(2, 6, wm.encoder.out_dim)  # the two rows have different histories
+    is_first = torch.zeros(2, 6, dtype=torch.bool)
+    is_first[:, 0] = is_first[:, 3] = True
+    deter, _, _ = wm.rssm.observe(embed, torch.rand(2, 6, 2), is_first)
+    assert not torch.allclose(deter[0, 2], deter[1, 2])
+    torch.testing.assert_close(deter[0, 3], deter[1, 3])  # the reset at t=3 forgets the history
+
+
+def test_kl_free_bits_and_balancing_gradients():
+    torch.manual_seed(0)
+    args = tiny_args(free_nats=0.0)
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    # One step (T=1): the prior's input h_1 does not depend on any posterior sample, so the posterior head can
+    # only get gradient from the KL terms directly.
+    losses, _ = agent.wm.loss(fake_batch(T=1))
+    prior_w = agent.wm.rssm.prior_net[-1].bias  # h_1 = 0 after a reset: only the bias shapes that prior
+    post_w = agent.wm.rssm.post_net[-1].weight
+    g_dyn = torch.autograd.grad(losses["dyn"].mean(), [prior_w, post_w], retain_graph=True, allow_unused=True)
+    g_rep = torch.autograd.grad(losses["rep"].mean(), [prior_w, post_w], allow_unused=True)
+    assert g_dyn[0].abs().sum() > 0 and (g_dyn[1] is None or g_dyn[1].abs().sum() == 0)  # dyn trains the prior
+    assert g_rep[1].abs().sum() > 0 and (g_rep[0] is None or g_rep[0].abs().sum() == 0)  # rep the posterior
+    # With free bits of 1e6 nats both KL terms are clipped constants: no gradient at all.
+    agent.wm.free_nats = 1e6
+    losses, _ = agent.wm.loss(fake_batch())
+    assert losses["rep"].eq(1e6).all()
+    g = torch.autograd.grad((losses["rep"] + losses["dyn"]).sum(), [prior_w, post_w], allow_unused=True)
+    assert all(x is None or x.abs().sum() == 0 for x in g)
+
+
+def test_training_lowers_world_model_loss_on_fixed_batch():
+    torch.manual_seed(0)
+    args = tiny_args(wm_lr=1e-3)
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    opt = pd.make_optimizers(agent, args)
+    batch = fake_batch(seed=3)
+    first = pd.train_step(agent, opt, batch)["wm/loss"]
+    for _ in range(30):
+        last = pd.train_step(agent, opt, batch)["wm/loss"]
+    assert last < 0.8 * first, (first, last)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PVM encoders: forward pass, preprocessing, and which parameters each mode trains
+# ---------------------------------------------------------------------------------------------------------
+def tiny_pvm(pvm, mode, k=2):
+    torch.manual_seed(0)
+    args = tiny_args(pvm=pvm, mode=mode, finetune_blocks=k)
+    return args, pd.Dreamer(pd.make_encoder(args), 2, args)
+
+
+@pytest.mark.parametrize("pvm", ["dinov2", "clip"])
+def test_pvm_features_match_transformers_forward(pvm):
+    _, agent = tiny_pvm(pvm, "full")
+    enc = agent.wm.encoder
+    obs = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        ours = enc.features(obs)
+        out = enc.backbone(pixel_values=enc.preprocess(obs))
+    if pvm == "dinov2":  # patch tokens of the final-norm output, CLS dropped
+        assert ours.shape == (3, 16, 32)
+        torch.testing.assert_close(ours, out.last_hidden_state[:, 1:])
+    else:  # pooled output
+        assert ours.shape == (3, 32)
+        torch.testing.assert_close(ours, out.pooler_output)
+    assert enc(obs[None]).shape == (1, 3, enc.out_dim)
+
+
+@pytest.mark.parametrize("pvm", ["dinov2", "clip"])
+@pytest.mark.parametrize("mode", ["frozen", "partial", "full"])
+def test_pvm_modes_train_exactly_the_intended_parameters(pvm, mode):
+    args, agent = tiny_pvm(pvm, mode, k=2)
+    enc = agent.wm.encoder
+    before = {n: p.detach().clone() for n, p in enc.backbone.named_parameters()}
+    opt = pd.make_optimizers(agent, args)
+    pd.train_step(agent, opt, fake_batch())
+    depth = len(enc.blocks)
+    prefix = "encoder.layer" if pvm == "dinov2" else "vision_model.encoder.layers"
+    final = "layernorm" if pvm == "dinov2" else "vision_model.post_layernorm"
+    for name, p in enc.backbone.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        if mode == "frozen":
+            expected = False
+        elif mode == "full":
+            expected = "mask_token" not in name  # DINOv2's mask token serves masked-image modelling only
+        else:
+            block = int(name[len(prefix) + 1:].split(".")[0]) if name.startswith(prefix + ".") else None
+            expected = (block is not None and block >= depth - 2) or name.startswith(final)
+        assert changed == expected, f"{mode}: {name} changed={changed}"
+        if not expected:  # gradient never reaches a frozen part
+            assert p.grad is None, name
+    # The optimiser's PVM group runs at wm_lr * encoder_lr_scale and holds exactly the trainable params.
+    groups = opt["wm"].param_groups
+    trainable = [p for p in enc.backbone.parameters() if p.requires_grad]
+    if mode == "frozen":
+        assert len(groups) == 1 and not trainable
+    else:
+        assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(args.wm_lr * args.encoder_lr_scale)
+        assert {id(p) for p in groups[1]["params"]} == {id(p) for p in trainable}
+    # The projection head always trains.
+    assert all(p.requires_grad for p in enc.proj.parameters())
+
+
+def test_frozen_pvm_builds_no_graph():
+    _, agent = tiny_pvm("dinov2", "frozen")
+    enc = agent.wm.encoder
+    feats = enc.features(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8))
+    assert not feats.requires_grad and feats.grad_fn is None
+
+
+def test_pvm_preprocessing_matches_hf_image_processors():
+    from PIL import Image
+    from transformers import BitImageProcessor, CLIPImageProcessor
+
+    # A smooth test image: bicubic resampling differs by implementation mostly at sharp edges.
+    yy, xx = np.mgrid[0:64, 0:64] / 63.0
+    img = (np.stack([np.sin(3 * xx), np.cos(2 * yy), xx * yy], -1) * 0.5 + 0.5) * 255
+    img = img.astype(np.uint8)
+    hf = {
+        "dinov2": BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                    resample=Image.BICUBIC, image_mean=[0.485, 0.456, 0.406],
+                                    image_std=[0.229, 0.224, 0.225], do_convert_rgb=True),
+        "clip": CLIPImageProcessor(),  # defaults are openai/clip-vit-base-patch32's
+    }
+    for pvm in ("dinov2", "clip"):
+        args = tiny_args(pvm=pvm, pvm_image_size=224, pvm_id="tiny")
+        args.pvm_image_size = 224
+        backbone = pd.load_pvm(pvm, "tiny", True)
+        enc = pd.PVMEncoder(backbone, pvm, "frozen", 1, 224, 64, 4)
+        ours = enc.preprocess(torch.from_numpy(img)[None])[0].numpy()
+        theirs = hf[pvm](images=Image.fromarray(img), return_tensors="np")["pixel_values"][0]
+        assert ours.shape == theirs.shape == (3, 224, 224)
+        assert np.abs(ours - theirs).mean() < 0.02, (pvm, np.abs(ours - theirs).mean())
+
+
+def test_missing_pvm_weights_fail_fast_with_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    t = time.time()
+    with pytest.raises(pd.UsageError) as e:
+        pd.load_pvm("dinov2", "facebook/dinov2-small", random_init=False)
+    assert time.time() - t < 10
+    msg = str(e.value)
+    assert "\n" not in msg and "HF_HOME" in msg and "--pvm-id" in msg
+
+
+def test_bad_sizes_are_rejected():
+    with pytest.raises(pd.UsageError, match="image-size 50"):
+        pd.conv_stages(50)
+    assert pd.conv_stages(64) == (4, 4) and pd.conv_stages(224) == (5, 7)
+    with pytest.raises(pd.UsageError, match="finetune-blocks 7"):
+        tiny_pvm("dinov2", "partial", k=7)
+    with pytest.raises(pd.UsageError, match="patch size"):
+        pd.make_encoder(tiny_args(pvm="clip", pvm_image_size=36))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: the command line, logs, checkpoints, resume
+# ---------------------------------------------------------------------------------------------------------
+E2E = ["--env", "reacher", "--size", "tiny", "--image-size", "32", "--pvm-image-size", "32", "--pvm-id", "tiny",
+       "--pvm-random-init", "--total-steps", "200", "--learning-starts", "100", "--train-ratio", "64",
+       "--batch-size", "4", "--batch-length", "16", "--eval-every", "100", "--eval-episodes", "2",
+       "--checkpoint-every", "100", "--log-every", "50"]
+
+
+def run_cli(args, tmp_path, check=True):
+    proc = subprocess.run([sys.executable, str(REPO / "pvm_dreamer.py"), "--logdir", str(tmp_path), *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def read_rows(run_dir):
+    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("pvm,mode", [("none", "full"), ("dinov2", "frozen"), ("dinov2", "partial"),
+                                      ("dinov2", "full"), ("clip", "frozen"), ("clip", "partial"), ("clip", "full")])
+def test_end_to_end_run_writes_logs_and_a_loadable_checkpoint(pvm, mode, tmp_path):
+    proc = run_cli([*E2E, "--pvm", pvm, "--mode", mode, "--run-name", "r", "--finetune-blocks", "2"], tmp_path)
+    run_dir = tmp_path / "r"
+    assert "trainable" in proc.stdout
+    rows = read_rows(run_dir)
+    assert any("wm/loss" in r for r in rows) and any("eval/return_mean" in r for r in rows)
+    assert any("eval/random_return_mean" in r for r in rows)
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    args = pd.Args(env="reacher", pvm=pvm, mode=mode, finetune_blocks=2, **TINY)
+    state = pd.load_checkpoint(run_dir, args)
+    assert state["step"] == 200 and state["updates"] > 0
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    agent.load_state_dict(state["agent"])  # every tensor matches the freshly built model
+
+
+def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
+    run_cli([*E2E, "--run-name", "r"], tmp_path)
+    run_dir = tmp_path / "r"
+    first = pd.load_checkpoint(run_dir, pd.Args(env="reacher", **TINY))
+    rows_before = read_rows(run_dir)
+    proc = run_cli([*E2E, "--total-steps", "300", "--resume", str(run_dir)], tmp_path)
+    state = pd.load_checkpoint(run_dir, pd.Args(env="reacher", **TINY))
+    assert first["step"] == 200 and state["step"] == 300 and state["updates"] > first["updates"]
+    rows = read_rows(run_dir)
+    steps = [r["step"] for r in rows if "charts/episodic_return" in r]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 300
+    assert rows[:len(rows_before)] == rows_before  # the first run's rows are kept, none duplicated
+    proc = run_cli([*E2E, "--resume", str(run_dir), "--eval-only"], tmp_path)
+    result = json.loads((run_dir / "eval_300.json").read_text())
+    assert result["episodes"] == 2 and np.isfinite(result["mean"])
+    # A checkpoint from another configuration is refused with the flags to use.
+    proc = run_cli([*E2E, "--pvm", "clip", "--resume", str(run_dir)], tmp_path, check=False)
+    assert proc.returncode == 2 and "--pvm none" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--env", "atari"], "atari"),
+    (["--image-size", "50"], "image-size 50"),
+    (["--pvm", "dinov2", "--finetune-blocks", "9"], "finetune-blocks 9"),
+    (["--device", "cuda:0"], "cuda"),
+])
+def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
+    if "cuda" in needle and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_cli([*E2E, *flags], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, str(REPO / "pvm_dreamer.py"), "--help"], capture_output=True,
+                         text=True, timeout=120).stdout
+    for name in pd.Args.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in out, name
