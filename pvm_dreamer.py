@@ -152,6 +152,9 @@ class Args:
     """weight of KL(posterior || sg(prior)), which regularises the representation"""
     unimix: float = 0.01
     """uniform mixture in every categorical (latents and actor)"""
+    actor_grad: Literal["reinforce", "dynamics"] = "reinforce"
+    """actor gradient: reinforce ([D3] latest) | dynamics (backprop through the world model, [D3] v1's choice
+    for continuous actions; learns faster per update, costs a backward pass through imagination)"""
     torch_deterministic: bool = True
     """torch.backends.cudnn.deterministic"""
 
@@ -316,15 +319,16 @@ def head(inp: int, units: int, layers: int, out: int, outscale: float) -> nn.Seq
     return nn.Sequential(mlp(inp, units, layers), linear)
 
 
-class ChannelNorm(nn.Module):
-    """RMSNorm over the channels of a (N, C, H, W) feature map (per pixel), without permuting it."""
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a (N, C, H, W) map, per pixel (DreamerV3 v1's image-layer norm). Run on
+    the channels-last view: with channels_last tensors the permute is free and the fused LayerNorm kernel
+    is ~2.5x faster on a CPU than an RMSNorm built from elementwise ops.  # differs from paper: latest is RMS"""
 
-    def __init__(self, channels: int, eps: float = 1e-4):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(channels)), eps
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-3)
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps) * self.weight[:, None, None]
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def conv_stages(image_size: int) -> tuple[int, int]:
@@ -356,9 +360,10 @@ class CNNEncoder(nn.Module):
             mods += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), ChannelNorm(cout), nn.SiLU()]
             cin = cout
         self.net, self.out_dim = nn.Sequential(*mods), cin * res * res
+        self.to(memory_format=torch.channels_last)  # NHWC convs: ~1.4x faster on CPU (oneDNN) and on GPU
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.reshape(-1, *obs.shape[-3:]).permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (B*T, 3, h, w)
+        x = obs.reshape(-1, *obs.shape[-3:]).permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (B*T, 3, h, w), NHWC
         return self.net(x).reshape(*obs.shape[:-3], self.out_dim)  # (..., E)
 
 
@@ -638,9 +643,11 @@ class Decoder(nn.Module):
         for cin, cout in zip(chans, chans[1:] + [3]):
             mods += [ChannelNorm(cin), nn.SiLU(), nn.ConvTranspose2d(cin, cout, 4, 2, 1)]
         self.net = nn.Sequential(*mods)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:  # (..., F) -> (..., 3, h, w), target frame/255 - 0.5
         x = self.fc(feat.reshape(-1, feat.shape[-1])).unflatten(-1, (-1, self.res, self.res))
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.net(x)
         return x.reshape(*feat.shape[:-1], *x.shape[1:])
 
@@ -702,37 +709,52 @@ class Dreamer(nn.Module):
         self.retnorm = ReturnNorm()
         self.args, self.action_dim = args, action_dim
 
-    @torch.no_grad()
-    def imagine(self, deter, stoch):
-        """Roll the prior forward H steps from N start states with the current policy. No gradient flows
-        through the rollout: [D3] (latest) trains the actor with REINFORCE for continuous actions too
-        (`ac_grads: False`), which also makes imagination cheap.  # ABLATION POINT: dynamics backprop"""
-        feats, raw_actions = [torch.cat([deter, stoch], -1)], []
-        for _ in range(self.args.imag_horizon):
-            raw = actor_dist(self.actor(feats[-1])).sample()  # (N, A)
-            deter, stoch = self.wm.rssm.img_step(deter, stoch, raw.clamp(-1, 1))
-            feats.append(torch.cat([deter, stoch], -1))
-            raw_actions.append(raw)
-        return torch.stack(feats), torch.stack(raw_actions)  # (H+1, N, F), (H, N, A)
+    def imagine(self, deter, stoch, backprop: bool):
+        """Roll the prior forward H steps from N start states with the current policy.
+        backprop=False: no graph at all, actions are plain samples (REINFORCE needs only their log-probs).
+        backprop=True: reparameterised samples, so d(return)/d(action) flows back through the dynamics."""
+        feats, raw_actions, entropy = [torch.cat([deter, stoch], -1)], [], []
+        with torch.set_grad_enabled(backprop):
+            for _ in range(self.args.imag_horizon):
+                dist = actor_dist(self.actor(feats[-1]))
+                raw = dist.rsample() if backprop else dist.sample()  # (N, A)
+                deter, stoch = self.wm.rssm.img_step(deter, stoch, raw.clamp(-1, 1))
+                feats.append(torch.cat([deter, stoch], -1))
+                raw_actions.append(raw)
+                entropy.append(dist.entropy())
+        return torch.stack(feats), torch.stack(raw_actions), torch.stack(entropy)  # (H+1,N,F), (H,N,A), (H,N)
 
-    def ac_loss(self, deter, stoch) -> dict:
+    def ac_loss(self, deter, stoch) -> tuple[dict, dict]:
+        """Actor and critic losses on one imagined batch ([D3] Sec. 3). Returns scalar losses and metrics.
+        --actor-grad reinforce ([D3] latest, `ac_grads: False`): policy gradient on normalised advantages.
+        --actor-grad dynamics ([D3] v1 for continuous actions): maximise the normalised lambda-return by
+        backpropagating through the learned dynamics, reward, continue and critic. The world model is NOT
+        updated by this loss: backward() below only accumulates into the actor's parameters.
+        # ABLATION POINT: the actor's gradient estimator"""
         a, bins = self.args, self.wm.bins
-        feats, raw = self.imagine(deter, stoch)
-        with torch.no_grad():
+        backprop = a.actor_grad == "dynamics"
+        feats, raw, ent = self.imagine(deter, stoch, backprop)
+        with torch.set_grad_enabled(backprop):
             reward = twohot_mean(self.wm.reward(feats[1:]), bins)  # (H, N)
             disc = (1 - 1 / a.horizon) * torch.sigmoid(self.wm.cont(feats[1:]).squeeze(-1))  # (H, N)
             value = twohot_mean(self.critic(feats), bins)  # (H+1, N)
             ret = lambda_return(reward, disc, value, a.lam)  # (H, N)
+        with torch.no_grad():
             # Weight of each imagined step: the probability that the episode is still running there.
-            weight = torch.cumprod(torch.cat([torch.ones_like(disc[:1]), disc[:-1]]), 0)  # (H, N)
-            adv = (ret - value[:-1]) / self.retnorm.update(ret)  # (H, N)
+            weight = torch.cumprod(torch.cat([torch.ones_like(disc[:1]), disc[:-1]]), 0).detach()  # (H, N)
+            scale = self.retnorm.update(ret)
             slow = twohot_mean(self.slow_critic(feats[:-1]), bins)  # (H, N)
-        dist = actor_dist(self.actor(feats[:-1]))
-        logp, ent = dist.log_prob(raw), dist.entropy()  # (H, N)
-        policy = -(logp * adv + a.actor_entropy * ent)  # REINFORCE on normalised advantages ([D3] eq. 11)
-        logits = self.critic(feats[:-1])  # (H, N, K)
-        value_loss = twohot_loss(logits, ret, bins) + twohot_loss(logits, slow, bins)  # slowreg weight 1
-        metrics = dict(ret=ret.mean(), adv_scale=self.retnorm.scale(), entropy=ent.mean(), imag_reward=reward.mean())
+        if backprop:
+            policy = -(ret / scale + a.actor_entropy * ent)  # pathwise gradient of the normalised return
+        else:
+            dist = actor_dist(self.actor(feats[:-1]))
+            adv = ((ret - value[:-1]) / scale).detach()  # stop-grad: REINFORCE treats advantages as constants
+            ent = dist.entropy()
+            policy = -(dist.log_prob(raw) * adv + a.actor_entropy * ent)  # [D3] eq. 11
+        logits = self.critic(feats[:-1].detach())  # stop-grad: the critic does not shape the imagined states
+        target = ret.detach()  # stop-grad: regress onto fixed lambda-returns
+        value_loss = twohot_loss(logits, target, bins) + twohot_loss(logits, slow, bins)  # slowreg weight 1
+        metrics = dict(ret=ret.mean(), adv_scale=scale, entropy=ent.mean(), imag_reward=reward.mean())
         return dict(policy=(weight * policy).mean(), value=(weight * value_loss).mean()), metrics
 
 
@@ -750,10 +772,12 @@ def make_optimizers(agent: Dreamer, args: Args) -> dict:
     groups = [dict(params=wm_params, lr=args.wm_lr)]
     if pvm_params:
         groups.append(dict(params=pvm_params, lr=args.wm_lr * args.encoder_lr_scale))
+    # foreach: one kernel per op over all tensors instead of a Python loop per parameter (CPU default is off).
+    adam = dict(foreach=True)
     return dict(
-        wm=torch.optim.Adam(groups, eps=1e-8),
-        actor=torch.optim.Adam(agent.actor.parameters(), lr=args.actor_lr, eps=1e-5),
-        critic=torch.optim.Adam(agent.critic.parameters(), lr=args.critic_lr, eps=1e-5),
+        wm=torch.optim.Adam(groups, eps=1e-8, **adam),
+        actor=torch.optim.Adam(agent.actor.parameters(), lr=args.actor_lr, eps=1e-5, **adam),
+        critic=torch.optim.Adam(agent.critic.parameters(), lr=args.critic_lr, eps=1e-5, **adam),
     )
 
 
@@ -785,7 +809,10 @@ def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
     ac_losses, ac_metrics = agent.ac_loss(*start)
     opt["actor"].zero_grad(set_to_none=True)
     opt["critic"].zero_grad(set_to_none=True)
-    (ac_losses["policy"] + ac_losses["value"]).backward()  # the two losses touch disjoint parameters
+    ac_params = [*agent.actor.parameters(), *agent.critic.parameters()]
+    # inputs=: gradients only for the actor and critic, even where the policy loss backpropagates through the
+    # world model (--actor-grad dynamics); the two losses touch disjoint parameters.
+    (ac_losses["policy"] + ac_losses["value"]).backward(inputs=ac_params)
     actor_norm = nn.utils.clip_grad_norm_(agent.actor.parameters(), 100.0)
     critic_norm = nn.utils.clip_grad_norm_(agent.critic.parameters(), 100.0)
     opt["actor"].step()
@@ -1003,9 +1030,10 @@ def train(args: Args):
         hp = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
         logger.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + hp)
         logger.writer.add_text("encoder", encoder_summary(agent, args))
-        if args.eval_episodes:  # the random policy's return, measured once by the same evaluation code
+        if args.eval_episodes:  # baselines measured by the same evaluation code: random actions, untrained agent
             rets = evaluate(None, env, args.eval_episodes, args.seed + 10_000)
-            logger.log(0, {"eval/random_return_mean": float(rets.mean()), "eval/random_return_std": float(rets.std())})
+            logger.log(0, {"eval/random_return_mean": float(rets.mean()), "eval/random_return_std": float(rets.std()),
+                           **run_eval(agent, env, args, run_dir, 0)})
     batch_steps = args.batch_size * args.batch_length
     updates_due = 0.0
     next_log, next_eval, next_ckpt = (step // n * n + n if n else args.total_steps
