@@ -809,10 +809,11 @@ def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
     ac_losses, ac_metrics = agent.ac_loss(*start)
     opt["actor"].zero_grad(set_to_none=True)
     opt["critic"].zero_grad(set_to_none=True)
-    ac_params = [*agent.actor.parameters(), *agent.critic.parameters()]
-    # inputs=: gradients only for the actor and critic, even where the policy loss backpropagates through the
-    # world model (--actor-grad dynamics); the two losses touch disjoint parameters.
-    (ac_losses["policy"] + ac_losses["value"]).backward(inputs=ac_params)
+    # inputs=: each loss updates only its own network. With --actor-grad dynamics the policy loss reaches the
+    # world model and the critic through the imagined states and the bootstrap values; those must not learn
+    # from it (a critic trained to raise its own predictions inflates every return).
+    ac_losses["policy"].backward(inputs=list(agent.actor.parameters()))
+    ac_losses["value"].backward(inputs=list(agent.critic.parameters()))
     actor_norm = nn.utils.clip_grad_norm_(agent.actor.parameters(), 100.0)
     critic_norm = nn.utils.clip_grad_norm_(agent.critic.parameters(), 100.0)
     opt["actor"].step()

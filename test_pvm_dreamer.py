@@ -163,6 +163,27 @@ def test_training_lowers_world_model_loss_on_fixed_batch():
     assert last < 0.8 * first, (first, last)
 
 
+@pytest.mark.parametrize("actor_grad", ["reinforce", "dynamics"])
+def test_actor_loss_trains_only_the_actor(actor_grad, monkeypatch):
+    """The policy loss may backpropagate through the world model and the critic's bootstrap values
+    (--actor-grad dynamics), but only the actor may learn from it."""
+    torch.manual_seed(0)
+    args = tiny_args(actor_grad=actor_grad)
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    opt = pd.make_optimizers(agent, args)
+    ac_loss = agent.ac_loss
+
+    def policy_only(deter, stoch):
+        losses, metrics = ac_loss(deter, stoch)
+        return dict(policy=losses["policy"], value=0.0 * losses["value"]), metrics
+    monkeypatch.setattr(agent, "ac_loss", policy_only)
+    critic = [p.detach().clone() for p in agent.critic.parameters()]
+    actor = [p.detach().clone() for p in agent.actor.parameters()]
+    pd.train_step(agent, opt, fake_batch())
+    assert all(torch.equal(a, b) for a, b in zip(critic, agent.critic.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(actor, agent.actor.parameters()))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # PVM encoders: forward pass, preprocessing, and which parameters each mode trains
 # ---------------------------------------------------------------------------------------------------------
