@@ -172,7 +172,6 @@ SIZES = {
     "size200m": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, blocks=8),
     "size400m": dict(deter=12288, hidden=1536, stoch=32, classes=96, depth=96, units=1536, blocks=8),
 }
-LOSS_SCALES_WM = ("rec", "rew", "con", "dyn", "rep")  # keys of the world-model loss dict
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -346,6 +345,11 @@ def cnn_channels(depth: int, stages: int) -> list[int]:
     return [depth * min(2**i, 8) for i in range(stages)]  # depth, 2d, 4d, 8d, 8d, ...
 
 
+def cnn_embed_dim(image_size: int, depth: int) -> int:
+    stages, res = conv_stages(image_size)
+    return cnn_channels(depth, stages)[-1] * res * res  # the flattened last feature map
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Encoders. Both map uint8 frames (..., h, w, 3) to embeddings (..., E).
 # ---------------------------------------------------------------------------------------------------------
@@ -359,7 +363,7 @@ class CNNEncoder(nn.Module):
         for cout in cnn_channels(depth, stages):  # differs from paper: stride-2 4x4 convs (v1), not conv+pool
             mods += [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), ChannelNorm(cout), nn.SiLU()]
             cin = cout
-        self.net, self.out_dim = nn.Sequential(*mods), cin * res * res
+        self.net, self.out_dim = nn.Sequential(*mods), cnn_embed_dim(image_size, depth)
         self.to(memory_format=torch.channels_last)  # NHWC convs: ~1.4x faster on CPU (oneDNN) and on GPU
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -529,14 +533,14 @@ class PVMEncoder(nn.Module):
 
 
 def make_encoder(args: Args) -> nn.Module:
-    cnn = CNNEncoder(args.image_size, SIZES[args.size]["depth"])
+    depth = SIZES[args.size]["depth"]
     if args.pvm == "none":
-        return cnn
+        return CNNEncoder(args.image_size, depth)
     pvm_id = args.pvm_id or PVM_DEFAULT_IDS[args.pvm]
     backbone = load_pvm(args.pvm, pvm_id, args.pvm_random_init)
     # E equals the CNN's output width at this size, so both encoders feed the posterior equally wide inputs.
-    return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size, cnn.out_dim,
-                      args.pvm_token_dim)
+    return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size,
+                      cnn_embed_dim(args.image_size, depth), args.pvm_token_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -793,10 +797,15 @@ def encoder_summary(agent: Dreamer, args: Args) -> str:
             f"whole agent {count(agent.parameters()) / 1e6:.2f}M")
 
 
+def wm_loss_scales(args: Args) -> dict:
+    """Weights of the world-model losses ([D3] `loss_scales`): reconstruction, reward, continue, KL terms."""
+    return dict(rec=1.0, rew=1.0, con=1.0, dyn=args.dyn_scale, rep=args.rep_scale)
+
+
 def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
     """One world-model update on a replayed batch, then one actor-critic update in imagination."""
     wm_losses, (deter, stoch) = agent.wm.loss(batch)
-    scales = dict(rec=1.0, rew=1.0, con=1.0, dyn=agent.args.dyn_scale, rep=agent.args.rep_scale)
+    scales = wm_loss_scales(agent.args)
     assert set(wm_losses) == set(scales), (wm_losses.keys(), scales.keys())
     wm_loss = sum(scales[k] * v.mean() for k, v in wm_losses.items())
     opt["wm"].zero_grad(set_to_none=True)
@@ -997,7 +1006,7 @@ def train(args: Args):
     else:
         encoder_name = "cnn" if args.pvm == "none" else f"{args.pvm}-{args.mode}"
         run_dir = Path(args.logdir) / (args.run_name or f"{args.env}__{encoder_name}__{args.seed}__{int(time.time())}")
-        if (run_dir / "checkpoint.pt").exists():
+        if run_dir.exists() and any(run_dir.iterdir()):
             raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --run-name")
         run_dir.mkdir(parents=True, exist_ok=True)
     if state is not None:

@@ -1,4 +1,5 @@
 """Tests for pvm-dreamer. Offline, CPU, tiny models; `pytest -q` runs them all in a few minutes."""
+import gc
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import envs
 import pvm_dreamer as pd
 
 REPO = Path(__file__).resolve().parent
@@ -104,7 +106,7 @@ def test_rssm_and_heads_shapes():
     S, C, D = s["stoch"], s["classes"], s["deter"]
     batch = fake_batch()
     losses, (deter, stoch) = agent.wm.loss(batch)
-    assert set(losses) == set(pd.LOSS_SCALES_WM)
+    assert set(losses) == set(pd.wm_loss_scales(args))
     assert all(v.shape == (2, 8) for v in losses.values())
     assert deter.shape == (2, 8, D) and stoch.shape == (2, 8, S * C)
     # Latents are one-hot per group in the forward pass.
@@ -299,6 +301,193 @@ def test_bad_sizes_are_rejected():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Environments (envs.py): pixel frames, action scaling and repeat, MuJoCo/MetaDrive lifecycles
+# ---------------------------------------------------------------------------------------------------------
+try:
+    import metadrive  # noqa: F401
+
+    HAVE_METADRIVE = True
+except ImportError:
+    HAVE_METADRIVE = False
+needs_metadrive = pytest.mark.skipif(not HAVE_METADRIVE, reason="metadrive-simulator not installed (Python >= 3.12?)")
+MUJOCO = ["pusher", "reacher"]
+RUNNABLE = MUJOCO + [pytest.param("metadrive-topdown", marks=needs_metadrive)]
+
+
+def check_frame(obs, size):
+    assert isinstance(obs, np.ndarray) and obs.dtype == np.uint8 and obs.shape == (size, size, 3)
+    assert obs.flags["C_CONTIGUOUS"]
+    assert obs.std() > 5, "blank frame"
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_frames_spaces_and_determinism(name, size):
+    env = envs.make_env(name, image_size=size, seed=3)
+    try:
+        assert env.observation_space.shape == (size, size, 3) and env.observation_space.dtype == np.uint8
+        space = env.action_space
+        assert space.dtype == np.float32 and np.all(space.low == -1) and np.all(space.high == 1)
+        first, _ = env.reset(seed=3)
+        check_frame(first, size)
+        assert env.observation_space.contains(first)
+        again, _ = env.reset(seed=3)
+        np.testing.assert_array_equal(first, again)  # same seed, same first frame
+        obs = first
+        for _ in range(8):  # full throttle / torque for a few steps visibly changes the picture
+            obs, reward, terminated, truncated, info = env.step(np.ones(space.shape, np.float32))
+            assert isinstance(reward, float) and isinstance(terminated, bool) and isinstance(truncated, bool)
+            check_frame(obs, size)
+        assert np.abs(obs.astype(int) - first).mean() > 0.5, "frame did not change when the agent acted"
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("name", MUJOCO)
+def test_actions_are_clipped_and_rescaled(name):
+    env = envs.make_env(name, image_size=32, seed=0)
+    try:
+        frames = []
+        for a in (1.0, 7.0):  # out-of-range input acts like the bound itself
+            env.reset(seed=0)
+            frames.append(env.step(np.full(env.action_space.shape, a))[0])
+        np.testing.assert_array_equal(*frames)
+        env.reset(seed=0)
+        env.step(np.ones(env.action_space.shape))
+        # [-1, 1] maps onto the task's ctrlrange: +1 is the upper torque limit (2.0 for Pusher, 1.0 for Reacher)
+        np.testing.assert_allclose(env.unwrapped.data.ctrl, env.unwrapped.model.actuator_ctrlrange[:, 1])
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("name, repeat, steps", [("reacher", 2, 25), ("reacher", 1, 50), ("pusher", 2, 50)])
+def test_episode_length_with_action_repeat(name, repeat, steps):
+    env = envs.make_env(name, image_size=16, seed=0, action_repeat=repeat)
+    try:
+        env.reset(seed=0)
+        for t in range(1, steps + 1):
+            _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+            assert not terminated and truncated == (t == steps)
+    finally:
+        env.close()
+
+
+def test_action_repeat_sums_rewards():
+    action = np.array([0.7, -0.4], np.float32)
+    one = envs.make_env("reacher", image_size=16, seed=0, action_repeat=1)
+    one.reset(seed=5)
+    r1 = [one.step(action)[1] for _ in range(2)]
+    info1 = one.step(action)[4]
+    one.close()
+    two = envs.make_env("reacher", image_size=16, seed=0, action_repeat=2)
+    two.reset(seed=5)
+    r2 = two.step(action)[1]
+    info2 = two.step(action)[4]
+    two.close()
+    assert r2 == pytest.approx(sum(r1))
+    assert "reward_dist" in info1 and "reward_dist" in info2  # the task's own info is passed through
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="pusher, reacher, metadrive, metadrive-topdown"):
+        envs.make_env("cheetah")
+    for size in (8, 15, 513, 64.0, "64"):
+        with pytest.raises(ValueError, match=r"\[16, 512\]"):
+            envs.make_env("reacher", image_size=size)
+    envs.check_image_size(16)
+    envs.check_image_size(512)
+    with pytest.raises(ValueError, match="action_repeat"):
+        envs.make_env("reacher", action_repeat=0)
+
+
+def test_sequential_mujoco_envs_still_render():
+    # Regression: a closed env whose GL objects were freed late (by the garbage collector, while a newer env's GL
+    # context was current) made every later env render all-zero frames.
+    first = envs.make_env("pusher", image_size=32, seed=0)
+    check_frame(first.reset(seed=0)[0], 32)
+    first.close()
+    second = envs.make_env("reacher", image_size=32, seed=0)
+    check_frame(second.reset(seed=0)[0], 32)
+    del first
+    gc.collect()
+    check_frame(second.step(second.action_space.sample())[0], 32)
+    second.close()
+    second.close()  # closing twice is harmless
+    third = envs.make_env("pusher", image_size=32, seed=0)
+    check_frame(third.reset(seed=0)[0], 32)
+    third.close()
+
+
+def test_scene_is_exposed_and_camera_moves():
+    env = envs.make_env("pusher", image_size=32, seed=0)
+    try:
+        before, _ = env.reset(seed=0)
+        assert env.unwrapped.model.ngeom > 0 and env.unwrapped.data.qpos.shape == (env.unwrapped.model.nq,)
+        envs.set_camera(env, azimuth=90.0, distance=2.5)
+        moved, _ = env.reset(seed=0)
+        check_frame(moved, 32)
+        assert np.abs(moved.astype(int) - before).mean() > 5
+        env.unwrapped.model.geom_rgba[:, :3] = [0.0, 0.0, 1.0]  # what shifts.py does: edit the live model
+        assert env.reset(seed=0)[0][..., 2].mean() > moved[..., 2].mean()
+    finally:
+        env.close()
+
+
+def test_mujoco_path_never_imports_metadrive():
+    code = "import sys, envs; envs.make_env('reacher', image_size=16).close(); print('metadrive' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_missing_metadrive_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "metadrive.engine.asset_loader", None)  # makes its import fail
+    with pytest.raises(RuntimeError, match="Python < 3.12") as err:
+        envs.make_env("metadrive-topdown")
+    assert "\n" not in str(err.value)
+
+
+@needs_metadrive
+def test_metadrive_rgb_needs_assets():
+    from metadrive.engine.asset_loader import AssetLoader
+
+    if os.path.isdir(AssetLoader.asset_path) and not AssetLoader.should_update_asset():
+        pytest.skip("MetaDrive assets are installed; the RGB camera env is too slow for a CPU test")
+    with pytest.raises(RuntimeError, match="metadrive.pull_asset") as err:
+        envs.make_env("metadrive", image_size=32)
+    assert "\n" not in str(err.value) and "metadrive-topdown" in str(err.value)
+
+
+@needs_metadrive
+def test_metadrive_topdown_singleton_and_episodes():
+    env = envs.make_env("metadrive-topdown", image_size=32, seed=0, horizon=5)
+    with pytest.raises(RuntimeError, match="one env per process"):
+        envs.make_env("metadrive-topdown", image_size=32)
+    env.reset(seed=1)
+    for t in range(1, 6):  # horizon counts agent steps, whatever the action repeat
+        _, _, terminated, truncated, info = env.step([0.0, 0.2])
+        assert not terminated and truncated == (t == 5)
+    assert "route_completion" in info
+    env.close()
+    again = envs.make_env("metadrive-topdown", image_size=32, seed=0)  # a closed env frees the singleton engine
+    check_frame(again.reset(seed=12345)[0], 32)  # any seed is valid (mapped onto the fixed scenario set)
+    again.close()
+
+
+@needs_metadrive
+def test_topdown_to_rgb_colour_key():
+    obs = np.zeros((30, 30, 5), np.float32)
+    obs[:, 10:20, 0] = 0.5  # route
+    obs[2:4, 12:14, 2] = 0.7  # a vehicle now
+    obs[6:8, 12:14, 4] = 0.7  # where a vehicle was 1 s ago
+    img = envs.topdown_to_rgb(obs, view_m=30.0)
+    assert img.dtype == np.uint8 and img.shape == (30, 30, 3)
+    assert tuple(img[0, 0]) == (0, 0, 0) and tuple(img[0, 11]) == (140, 140, 140)
+    assert img[2, 12, 0] > 200 and img[2, 12, 2] < 100  # red: now
+    assert img[6, 12, 2] > img[6, 12, 0]  # blue: the past
+    assert tuple(img[15, 15]) == (0, 220, 90)  # ego at the centre, green
+
+
+# ---------------------------------------------------------------------------------------------------------
 # End to end: the command line, logs, checkpoints, resume
 # ---------------------------------------------------------------------------------------------------------
 E2E = ["--env", "reacher", "--size", "tiny", "--image-size", "32", "--pvm-image-size", "32", "--pvm-id", "tiny",
@@ -322,9 +511,16 @@ def read_rows(run_dir):
 @pytest.mark.parametrize("pvm,mode", [("none", "full"), ("dinov2", "frozen"), ("dinov2", "partial"),
                                       ("dinov2", "full"), ("clip", "frozen"), ("clip", "partial"), ("clip", "full")])
 def test_end_to_end_run_writes_logs_and_a_loadable_checkpoint(pvm, mode, tmp_path):
-    proc = run_cli([*E2E, "--pvm", pvm, "--mode", mode, "--run-name", "r", "--finetune-blocks", "2"], tmp_path)
+    video = ["--capture-video"] if pvm == "none" else []
+    proc = run_cli([*E2E, "--pvm", pvm, "--mode", mode, "--run-name", "r", "--finetune-blocks", "2", *video], tmp_path)
     run_dir = tmp_path / "r"
     assert "trainable" in proc.stdout
+    if video:  # one video per evaluation (step 0, 100, 200), each a readable clip of 32x32 frames
+        import imageio.v3 as iio
+
+        clips = sorted(run_dir.glob("videos/*.mp4"))
+        assert len(clips) == 3
+        assert iio.imread(clips[-1]).shape[1:] == (32, 32, 3)
     rows = read_rows(run_dir)
     assert any("wm/loss" in r for r in rows) and any("eval/return_mean" in r for r in rows)
     assert any("eval/random_return_mean" in r for r in rows)

@@ -1,0 +1,266 @@
+"""Pixel environments for pvm-dreamer: every task returns uint8 HxWx3 frames and takes actions in [-1, 1].
+
+  make_env("pusher")             MuJoCo Pusher-v5: a 7-DoF arm pushes a white puck onto a red goal (the default)
+  make_env("reacher")            MuJoCo Reacher-v5: a 2-link arm touches a red target (the quick one)
+  make_env("metadrive")          MetaDrive, forward RGB camera (the paper's driving task; needs MetaDrive's assets)
+  make_env("metadrive-topdown")  MetaDrive, bird's-eye view drawn with pygame (needs no assets, fast on a CPU)
+
+One wrapper (`PixelEnv`) gives all four the same contract: observation = the rendered frame (never the state
+vector), actions rescaled from [-1, 1] to the task's bounds, `action_repeat` repeats summing rewards, gymnasium's
+5-tuple API. Episode limits are the tasks' own: Pusher-v5 100 and Reacher-v5 50 simulator steps (so 50 / 25 agent
+steps at the default repeat of 2); MetaDrive `horizon` agent steps (1000 unless given).
+
+Visual shifts (shifts.py) edit the MuJoCo scene in place: `env.unwrapped.model` / `.data` are the live MjModel /
+MjData (geom_rgba, light_*, tex_* ...), and the camera is MuJoCo's FREE camera, moved with
+`set_camera(env, azimuth=..., elevation=..., distance=..., lookat=...)`; the defaults live in `CAMERAS`.
+"""
+from __future__ import annotations
+
+import os
+
+# Headless rendering. These must be set before mujoco / pygame are first imported, hence at the very top.
+os.environ.setdefault("MUJOCO_GL", "egl")  # GPU or mesa llvmpipe (CPU); set MUJOCO_GL=glfw on a desktop/macOS
+os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (MetaDrive top-down) without a display
+os.environ.setdefault("SDL_AUDIODRIVER", "dummy")  # ...and without a sound card (else ALSA spams stderr)
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+
+import weakref
+
+import gymnasium as gym
+import numpy as np
+
+ENV_NAMES = ("pusher", "reacher", "metadrive", "metadrive-topdown")
+IMAGE_SIZE_RANGE = (16, 512)  # what the renderers handle; the agent's encoders restrict this further
+
+MUJOCO_TASKS = {"pusher": "Pusher-v5", "reacher": "Reacher-v5"}
+# MuJoCo free-camera poses, tuned by eye on 64x64 frames so the task-relevant objects are large.
+# azimuth/elevation in degrees, distance in metres from `lookat` (world coordinates).
+CAMERAS = {
+    # From beyond the table's far edge looking back at the arm, 60 degrees down: the shoulder sits top-left, the
+    # puck's spawn area and the goal fill the middle, and the arm's height stays readable (a top-down view hides it).
+    "pusher": dict(lookat=np.array([0.4, -0.3, -0.25]), azimuth=180.0, elevation=-60.0, distance=1.55),
+    # Straight down on the arena centre; distance chosen so the arm's full reach (0.21 m) just fits the frame.
+    "reacher": dict(lookat=np.array([0.0, 0.0, 0.0]), azimuth=90.0, elevation=-90.0, distance=0.56),
+}
+# MetaDrive defaults (any of them, and any other MetaDrive config key, can be overridden via make_env's kwargs).
+# A fixed, small set of procedurally generated maps keeps runs reproducible; 0.1 is MetaDrive's own traffic density.
+METADRIVE_DEFAULTS = dict(num_scenarios=10, start_seed=0, traffic_density=0.1, horizon=1000)
+
+
+def check_image_size(image_size) -> None:
+    lo, hi = IMAGE_SIZE_RANGE
+    if not isinstance(image_size, (int, np.integer)) or isinstance(image_size, bool) or not lo <= image_size <= hi:
+        raise ValueError(f"image_size must be an integer in [{lo}, {hi}], got {image_size!r}")
+
+
+def make_env(name: str, image_size: int = 64, seed: int = 0, action_repeat: int = 2, **kwargs) -> gym.Env:
+    """A pixel env (see the module docstring). kwargs go to gym.make (MuJoCo) or into MetaDrive's config."""
+    if name not in ENV_NAMES:
+        raise ValueError(f"unknown env {name!r}; choose one of: {', '.join(ENV_NAMES)}")
+    check_image_size(image_size)
+    if not isinstance(action_repeat, (int, np.integer)) or action_repeat < 1:
+        raise ValueError(f"action_repeat must be an integer >= 1, got {action_repeat!r}")
+    if name in MUJOCO_TASKS:
+        env = PixelEnv(*_make_mujoco(name, image_size, seed, **kwargs), image_size, action_repeat)
+    else:
+        env = MetaDrivePixelEnv(*_make_metadrive(name, image_size, action_repeat, **kwargs), image_size, action_repeat,
+                                seed=seed)
+    env.action_space.seed(seed)  # the agent's random prefill samples from it: reproducible too
+    return env
+
+
+class PixelEnv(gym.Wrapper):
+    """Frames as observations, [-1, 1] actions, action repeat. `frame_fn(inner_obs) -> uint8 HxWx3`."""
+
+    def __init__(self, env: gym.Env, frame_fn, close_fn, image_size: int, action_repeat: int):
+        super().__init__(env)
+        self.frame_fn, self.close_fn, self.action_repeat = frame_fn, close_fn, action_repeat
+        self.observation_space = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+        inner = env.action_space
+        self._low, self._high = inner.low.astype(np.float64), inner.high.astype(np.float64)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, inner.shape, np.float32)
+        self._closed = False
+
+    def _frame(self, obs) -> np.ndarray:
+        # Renderers hand back flipped or strided views; the replay buffer and torch want a plain C array.
+        return np.ascontiguousarray(self.frame_fn(obs), dtype=np.uint8)
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        return self._frame(obs), info
+
+    def step(self, action):
+        a = np.clip(np.asarray(action, np.float64).reshape(self.action_space.shape), -1.0, 1.0)
+        a = (self._low + (a + 1.0) * 0.5 * (self._high - self._low)).astype(np.float32)  # [-1, 1] -> task bounds
+        total = 0.0
+        for _ in range(self.action_repeat):
+            obs, reward, terminated, truncated, info = self.env.step(a)
+            total += float(reward)
+            if terminated or truncated:  # never step past the end of an episode
+                break
+        return self._frame(obs), total, bool(terminated), bool(truncated), info
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self.close_fn()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MuJoCo: gymnasium's own tasks, observed through their offscreen renderer
+# ---------------------------------------------------------------------------------------------------------
+def _make_mujoco(name: str, image_size: int, seed: int, **kwargs):
+    import mujoco
+
+    cam = dict(CAMERAS[name], **kwargs.pop("default_camera_config", {}))
+    inner = gym.make(MUJOCO_TASKS[name], render_mode="rgb_array", width=image_size, height=image_size,
+                     default_camera_config=cam, **kwargs)  # gym.make adds the task's TimeLimit (100 / 50 steps)
+    # Speed on a CPU (mesa llvmpipe), Pusher at 64^2: 110 ms a frame as shipped, 15 ms without its 4096^2 shadow
+    # map, 6 ms with spheres/capsules tessellated 12x12 instead of 28x28 (no visible change at this size). The
+    # shadow map and tessellation are fixed when the GL context is made, so set them first; shadows and reflections
+    # then go off in the scene flags. 4x MSAA stays (another 2.5x): without it Reacher's 9 mm target is one pixel.
+    quality = inner.unwrapped.model.vis.quality
+    quality.shadowsize, quality.numslices, quality.numstacks = 0, 12, 12
+    inner.reset(seed=seed)
+    inner.render()  # creates the offscreen viewer now (it is otherwise made lazily) so its scene flags can be set
+    flags = inner.unwrapped.mujoco_renderer.viewer.scn.flags
+    flags[mujoco.mjtRndFlag.mjRND_SHADOW] = flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+    return inner, lambda _state_vector: inner.render(), lambda: _close_mujoco(inner)
+
+
+def _close_mujoco(inner: gym.Env) -> None:
+    # gymnasium frees the EGL context but leaves the MjrContext (MuJoCo's GL objects) to the garbage collector. If
+    # it is collected later, while a *newer* env's context is current, mjr_freeContext deletes that env's buffers by
+    # id and it renders all-zero frames. So: free it now, under its own context, then drop every reference.
+    renderer = inner.unwrapped.mujoco_renderer
+    viewer = renderer.viewer
+    if viewer is not None:
+        viewer.make_context_current()
+        viewer.con.free()
+    inner.close()
+    renderer._viewers.clear()
+    renderer.viewer = None
+
+
+def set_camera(env: gym.Env, **cam) -> None:
+    """Move a MuJoCo env's free camera, e.g. set_camera(env, azimuth=150, distance=1.2, lookat=(0.3, -0.2, -0.3)).
+    Keys are mjvCamera fields (azimuth, elevation, distance, lookat); takes effect on the next frame."""
+    renderer = env.unwrapped.mujoco_renderer
+    renderer.default_cam_config = {**(renderer.default_cam_config or {}), **cam}  # survives a viewer rebuild
+    if renderer.viewer is not None:
+        for key, value in cam.items():
+            if np.ndim(value):
+                getattr(renderer.viewer.cam, key)[:] = value
+            else:
+                setattr(renderer.viewer.cam, key, value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MetaDrive (imported lazily: the MuJoCo path never touches it, and it is absent on Python >= 3.12)
+# ---------------------------------------------------------------------------------------------------------
+_live_metadrive = None  # weakref to the open MetaDrive env: MetaDrive's engine is a per-process singleton
+
+
+class MetaDrivePixelEnv(PixelEnv):
+    """MetaDrive's reset(seed) takes a scenario index (map + traffic) in [start_seed, start_seed + num_scenarios)
+    and draws an unseeded random one when given none. We map a gym seed to scenario `seed % num_scenarios` (so
+    consecutive evaluation seeds visit distinct scenarios) and draw seed-less resets from our own seeded generator,
+    so every seed is valid and whole runs are reproducible."""
+
+    def __init__(self, *args, seed: int):
+        super().__init__(*args)
+        self.scenario_rng = np.random.default_rng(seed)
+        global _live_metadrive
+        _live_metadrive = weakref.ref(self)
+
+    def reset(self, *, seed=None, options=None):
+        cfg = self.env.unwrapped.config
+        if seed is not None:
+            self.scenario_rng = np.random.default_rng(seed)
+            index = seed % cfg["num_scenarios"]
+        else:
+            index = int(self.scenario_rng.integers(cfg["num_scenarios"]))
+        obs, info = self.env.reset(seed=cfg["start_seed"] + index)
+        return self._frame(obs), info
+
+
+def _make_metadrive(name: str, image_size: int, action_repeat: int, **kwargs):
+    import logging
+
+    try:
+        from metadrive.engine.asset_loader import AssetLoader
+        from metadrive.engine.base_engine import BaseEngine
+        from metadrive.engine.engine_utils import close_engine, engine_initialized
+    except ImportError as e:
+        raise RuntimeError(f"MetaDrive is unavailable ({str(e).splitlines()[0]}): it needs Python < 3.12 and "
+                           "`pip install metadrive-simulator==0.4.3`") from None
+    other = _live_metadrive and _live_metadrive()
+    if other is not None and not other._closed:
+        raise RuntimeError("MetaDrive allows one env per process (its engine is a singleton): close() the open "
+                           "MetaDrive env before making another")
+    if engine_initialized():
+        close_engine()  # left behind by a MetaDrive env that was dropped without close()
+    assets_ok = os.path.isdir(AssetLoader.asset_path) and not AssetLoader.should_update_asset()
+    if name == "metadrive" and not assets_ok:
+        raise RuntimeError("MetaDrive's assets (3D models, textures) are missing or outdated: run "
+                           "`python -m metadrive.pull_asset` on a machine with internet, or use metadrive-topdown, "
+                           "which needs none")
+    if not assets_ok:
+        # The top-down view draws with pygame and never loads an asset, but the engine still tries to download
+        # them on start-up (and fails with a stack trace offline): skip that. Only patched when assets are absent.
+        BaseEngine.try_pull_asset = staticmethod(lambda: None)
+
+    cfg = dict(METADRIVE_DEFAULTS, log_level=logging.ERROR, use_render=False, **kwargs)
+    if cfg["horizon"]:
+        cfg["horizon"] *= action_repeat  # MetaDrive counts its own steps; ours counts agent steps
+    if name == "metadrive":
+        from metadrive.component.sensors.rgb_camera import RGBCamera
+        from metadrive.envs.metadrive_env import MetaDriveEnv
+
+        # stack_size=1: the agent stacks nothing, the world model carries the history.
+        cfg = {**dict(image_observation=True, norm_pixel=False, stack_size=1, show_interface=False, show_logo=False,
+                      sensors=dict(rgb_camera=(RGBCamera, image_size, image_size)),
+                      vehicle_config=dict(image_source="rgb_camera")), **cfg}
+        inner = MetaDriveEnv(cfg)
+        # Panda3D hands back BGR on the CPU path (metadrive issue #651): flip to RGB. Frames may arrive as float.
+        frame_fn = lambda obs: np.clip(obs["image"][..., ::-1, -1], 0, 255).astype(np.uint8)  # noqa: E731
+    else:
+        from metadrive.envs.top_down_env import TopDownMetaDrive
+
+        cfg = {**dict(resolution_size=image_size, norm_pixel=True), **cfg}
+        inner = TopDownMetaDrive(cfg)
+        frame_fn = lambda obs: topdown_to_rgb(obs, inner.config["distance"])  # noqa: E731
+
+    def close_fn():
+        global _live_metadrive
+        inner.close()  # destroys the engine singleton, so a new MetaDrive env can be made afterwards
+        _live_metadrive = None
+
+    return inner, frame_fn, close_fn
+
+
+# metadrive-topdown frames. MetaDrive's own top-down RGB renderer (env.render(mode="top_down")) is as fast (both
+# ~10-15 ms per step on a CPU, dominated by physics and pygame rotations), but it does not show the navigation
+# route, which the reward follows. So we colour the ego-centric, heading-up multi-channel tensor of
+# TopDownMetaDrive instead (channels: road, ego's past positions, traffic now, 0.5 s ago, 1 s ago):
+#   black: off-road | mid grey: the route to drive | dim grey: lane lines of other roads
+#   red: vehicles now, fading through magenta to dark blue: where they were 0.5 s / 1 s ago (so motion is visible)
+#   yellow dots: the ego's own past positions | green box (centre, pointing up): the ego car itself
+_TD_TRAFFIC_NOW, _TD_TRAFFIC_OLD = np.array([255.0, 50, 50]), np.array([40.0, 40, 170])
+_TD_PAST_POS, _TD_EGO = np.array([255.0, 210, 0]), np.array([0.0, 220, 90])
+_TD_EGO_M = (4.5, 1.8)  # ego length and width in metres (MetaDrive's default car)
+
+
+def topdown_to_rgb(obs: np.ndarray, view_m: float = 30.0) -> np.ndarray:
+    """(H, W, C) floats in [0, 1] from TopDownMultiChannel -> (H, W, 3) uint8 RGB, colour key above.
+    view_m: metres across the view (TopDownMetaDrive's `distance`), to draw the ego car to scale."""
+    h, w, c = obs.shape
+    img = np.repeat(np.clip(obs[..., :1] * 2.0, 0.0, 1.0), 3, axis=2) * 140.0  # road channel peaks at 0.5
+    n = c - 2  # traffic channels 2..c-1, newest first
+    layers = [(2 + i, _TD_TRAFFIC_NOW + (_TD_TRAFFIC_OLD - _TD_TRAFFIC_NOW) * i / max(n - 1, 1)) for i in range(n)]
+    for ch, colour in layers[::-1] + [(1, _TD_PAST_POS)]:  # oldest first, so the present is painted on top
+        alpha = np.clip(obs[..., ch:ch + 1] / 0.4, 0.0, 1.0)  # vehicles are drawn at grey ~0.45-0.7; soft edges
+        img = img * (1.0 - alpha) + colour * alpha
+    ego_len, ego_wid = (max(1, round(m * h / view_m)) for m in _TD_EGO_M)
+    img[(h - ego_len) // 2:(h + ego_len) // 2, (w - ego_wid) // 2:(w + ego_wid) // 2] = _TD_EGO
+    return img.astype(np.uint8)
