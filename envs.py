@@ -4,6 +4,8 @@
   make_env("reacher")            MuJoCo Reacher-v5: a 2-link arm touches a red target (the quick one)
   make_env("metadrive")          MetaDrive, forward RGB camera (the paper's driving task; needs MetaDrive's assets)
   make_env("metadrive-topdown")  MetaDrive, bird's-eye view drawn with pygame (needs no assets, fast on a CPU)
+  make_env("pointmass")          a dot steered to a goal, drawn with numpy: learnable in minutes on a CPU (the
+                                 sanity check that the agent learns; not a task of the paper)
 
 One wrapper (`PixelEnv`) gives all four the same contract: observation = the rendered frame (never the state
 vector), actions rescaled from [-1, 1] to the task's bounds, `action_repeat` repeats summing rewards, gymnasium's
@@ -29,7 +31,7 @@ import weakref
 import gymnasium as gym
 import numpy as np
 
-ENV_NAMES = ("pusher", "reacher", "metadrive", "metadrive-topdown")
+ENV_NAMES = ("pusher", "reacher", "metadrive", "metadrive-topdown", "pointmass")
 IMAGE_SIZE_RANGE = (16, 512)  # what the renderers handle; the agent's encoders restrict this further
 
 MUJOCO_TASKS = {"pusher": "Pusher-v5", "reacher": "Reacher-v5"}
@@ -60,7 +62,10 @@ def make_env(name: str, image_size: int = 64, seed: int = 0, action_repeat: int 
     check_image_size(image_size)
     if not isinstance(action_repeat, (int, np.integer)) or action_repeat < 1:
         raise ValueError(f"action_repeat must be an integer >= 1, got {action_repeat!r}")
-    if name in MUJOCO_TASKS:
+    if name == "pointmass":
+        inner = PointMass(image_size, **kwargs)
+        env = PixelEnv(inner, lambda frame: frame, inner.close, image_size, action_repeat)
+    elif name in MUJOCO_TASKS:
         env = PixelEnv(*_make_mujoco(name, image_size, seed, **kwargs), image_size, action_repeat)
     else:
         env = MetaDrivePixelEnv(*_make_metadrive(name, image_size, action_repeat, **kwargs), image_size, action_repeat,
@@ -104,6 +109,44 @@ class PixelEnv(gym.Wrapper):
         if not self._closed:
             self._closed = True
             self.close_fn()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PointMass: a seconds-to-learn pixel task, for checking on a CPU that the agent learns at all
+# ---------------------------------------------------------------------------------------------------------
+class PointMass(gym.Env):
+    """A blue dot steered by velocity commands toward a red goal drawn at a random place each episode;
+    reward = -distance to the goal every step, 50 steps. Random actions drift (return about -35) and standing
+    still keeps the start distance (about -30), while steering to the goal gives about -8: a gap the agent
+    must see the goal to close. Rendered with numpy (no OpenGL): thousands of steps per second."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, image_size: int, episode_steps: int = 50, speed: float = 0.1):
+        self.size, self.episode_steps, self.speed = image_size, episode_steps, speed
+        self.observation_space = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        grid = (np.arange(image_size) + 0.5) / image_size * 2 - 1  # pixel centres in [-1, 1]
+        self._yy, self._xx = np.meshgrid(grid, grid, indexing="ij")
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.pos, self.goal = self.np_random.uniform(-0.8, 0.8, (2, 2))
+        self.t = 0
+        return self._render(), {}
+
+    def step(self, action):
+        self.pos = np.clip(self.pos + self.speed * np.clip(action, -1, 1), -1, 1)
+        self.t += 1
+        dist = float(np.linalg.norm(self.pos - self.goal))
+        return self._render(), -dist, False, self.t >= self.episode_steps, {"distance": dist}
+
+    def _render(self) -> np.ndarray:
+        frame = np.full((self.size, self.size, 3), 200, np.uint8)
+        radius = max(0.12, 2.5 / self.size)  # at least ~1.5 px, so small frames still show both dots
+        for (x, y), colour in ((self.goal, (220, 30, 30)), (self.pos, (30, 60, 220))):
+            frame[(self._xx - x) ** 2 + (self._yy - y) ** 2 < radius**2] = colour
+        return frame
 
 
 # ---------------------------------------------------------------------------------------------------------

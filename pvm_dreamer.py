@@ -955,6 +955,21 @@ class Logger:
         self.writer.close()
 
 
+def summarize(run_dir: Path) -> str:
+    """What a run learned, from its metrics.jsonl: evaluation returns vs the random policy, world-model loss."""
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
+    pick = lambda key: [r for r in rows if key in r]  # noqa: E731
+    lines = [f"eval return at step {r['step']}: {r['eval/return_mean']:.2f} +- {r['eval/return_std']:.2f}"
+             for r in pick("eval/return_mean")]
+    for r in pick("eval/random_return_mean")[:1]:
+        lines.append(f"random policy: {r['eval/random_return_mean']:.2f} +- {r['eval/random_return_std']:.2f}")
+    losses = pick("wm/loss")
+    if losses:
+        lines.append(f"world-model loss: {losses[0]['wm/loss']:.2f} (step {losses[0]['step']}) -> "
+                     f"{losses[-1]['wm/loss']:.2f} (step {losses[-1]['step']})")
+    return "\n".join(lines)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1100,6 +1115,7 @@ def train(args: Args):
         save_checkpoint(run_dir / "checkpoint.pt", agent, opt, replay, step, updates, args)
     logger.close()
     env.close()
+    print(summarize(run_dir))
     print(f"done: {step} steps, {updates} updates; run in {run_dir}")
     return dict(run_dir=str(run_dir), step=step, updates=updates)
 

@@ -1,4 +1,5 @@
 """Tests for pvm-dreamer. Offline, CPU, tiny models; `pytest -q` runs them all in a few minutes."""
+import functools
 import gc
 import json
 import os
@@ -7,12 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
 import envs
 import pvm_dreamer as pd
+import shifts
 
 REPO = Path(__file__).resolve().parent
 TINY = dict(size="tiny", image_size=32, pvm_image_size=32, pvm_id="tiny", pvm_random_init=True)
@@ -311,7 +314,7 @@ except ImportError:
     HAVE_METADRIVE = False
 needs_metadrive = pytest.mark.skipif(not HAVE_METADRIVE, reason="metadrive-simulator not installed (Python >= 3.12?)")
 MUJOCO = ["pusher", "reacher"]
-RUNNABLE = MUJOCO + [pytest.param("metadrive-topdown", marks=needs_metadrive)]
+RUNNABLE = MUJOCO + ["pointmass", pytest.param("metadrive-topdown", marks=needs_metadrive)]
 
 
 def check_frame(obs, size):
@@ -485,6 +488,207 @@ def test_topdown_to_rgb_colour_key():
     assert img[2, 12, 0] > 200 and img[2, 12, 2] < 100  # red: now
     assert img[6, 12, 2] > img[6, 12, 0]  # blue: the past
     assert tuple(img[15, 15]) == (0, 220, 90)  # ego at the centre, green
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Visual shifts (shifts.py): graded, reproducible, and blind to the task's dynamics and reward
+# ---------------------------------------------------------------------------------------------------------
+SIZE, SEEDS, STEPS = 32, (0, 1), 5
+LADDER = shifts.SEVERITIES
+
+
+def rollout(env, seeds=SEEDS) -> dict:
+    """Frames, rewards, done flags and MuJoCo qpos over STEPS fixed random actions from reset(seed) per seed."""
+    out = {k: [] for k in ("frames", "rewards", "dones", "qpos")}
+    actions = np.random.default_rng(123).uniform(-1, 1, (STEPS,) + env.action_space.shape)
+    for seed in seeds:
+        frame, _ = env.reset(seed=seed)
+        for a in [None, *actions]:
+            if a is not None:
+                frame, reward, terminated, truncated, _ = env.step(a)
+                out["rewards"].append(reward)
+                out["dones"].append((terminated, truncated))
+            assert frame.dtype == np.uint8 and frame.shape == (SIZE, SIZE, 3)
+            out["frames"].append(frame)
+            if hasattr(env.unwrapped, "data"):
+                out["qpos"].append(env.unwrapped.data.qpos.copy())
+    return {k: np.array(v) for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def mujoco_rollout(name: str, shift: str, severity: str) -> dict:
+    env = shifts.make_shifted_env(name, shift, severity, image_size=SIZE, seed=0)
+    try:
+        return rollout(env)
+    finally:
+        env.close()
+
+
+def distance(a: dict, b: dict) -> float:
+    return float(np.abs(a["frames"].astype(np.int64) - b["frames"]).mean())
+
+
+def test_registry():
+    assert shifts.shift_names("pusher") == shifts.shift_names("reacher") == \
+        ["color", "table", "light", "camera", "distractors", "placement"]
+    assert shifts.shift_names("metadrive") == shifts.shift_names("metadrive-topdown") == ["color", "weather"]
+    assert all(isinstance(desc, str) and desc for _, desc in shifts.SHIFTS.values())
+    assert set(shifts.WEATHER_LADDER.values()) < set(shifts.WEATHERS) and len(shifts.WEATHERS) == 4
+
+
+@pytest.mark.parametrize("args, choices", [
+    (("cartpole", "color", "easy"), envs.ENV_NAMES),
+    (("pusher", "fog", "easy"), shifts.shift_names("pusher")),
+    (("pusher", "weather", "easy"), shifts.shift_names("pusher")),  # exists, but not for this env
+    (("metadrive-topdown", "table", "hard"), shifts.shift_names("metadrive-topdown")),
+    (("reacher", "color", "extreme"), LADDER),
+    (("pusher", "color", "hard_low_light"), LADDER),  # paper weather names are for `weather` only
+])
+def test_bad_names_raise_one_line_with_choices(args, choices):
+    with pytest.raises(ValueError) as e:
+        shifts.make_shifted_env(*args, image_size=SIZE)
+    msg = str(e.value)
+    assert "\n" not in msg and all(c in msg for c in choices), msg
+
+
+@pytest.mark.parametrize("name", shifts.MUJOCO)
+@pytest.mark.parametrize("shift", shifts.shift_names("pusher"))
+def test_mujoco_shift_ladder_and_dynamics(name, shift):
+    base = mujoco_rollout(name, "none", "none")
+    runs = {sev: mujoco_rollout(name, shift, sev) for sev in LADDER}
+    assert np.array_equal(runs["none"]["frames"], base["frames"])  # none is the unshifted env, pixel for pixel
+    dists = [distance(runs[sev], base) for sev in LADDER]
+    if shift == "placement":  # a moved object's pixel change saturates; the rings' monotonicity is tested below
+        assert dists[0] == 0 < min(dists[1:]), dists
+        return
+    assert all(a < b for a, b in zip(dists, dists[1:])), f"{name}/{shift}: not increasing {dists}"
+    for sev in LADDER[1:]:  # what the camera sees changed; what happens did not
+        for key in ("rewards", "dones", "qpos"):
+            assert np.array_equal(runs[sev][key], base[key]), f"{name}/{shift}/{sev}: {key} differs"
+
+
+@pytest.mark.parametrize("name", shifts.MUJOCO)
+@pytest.mark.parametrize("shift", ["color", "light", "camera", "distractors", "placement"])
+def test_reproducible_per_seed_and_resampled_per_episode(name, shift):
+    a = shifts.make_shifted_env(name, shift, "hard", image_size=SIZE, seed=0)
+    b = shifts.make_shifted_env(name, shift, "hard", image_size=SIZE, seed=5)
+    try:
+        fa, fb = a.reset(seed=3)[0], b.reset(seed=3)[0]
+        assert np.array_equal(fa, b.reset(seed=3)[0]) and np.array_equal(fa, fb)  # the reset seed decides the look
+        first = {k: np.copy(v) for k, v in a.ep.items()}
+        a.reset()  # next episode: a new look drawn from the (seeded) stream
+        assert any(not np.array_equal(first[k], a.ep[k]) for k in first)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_table_texture_is_fixed_and_dark_wood_is_dark():
+    env = shifts.make_shifted_env("pusher", "table", "hard", image_size=SIZE, seed=0)
+    try:
+        assert np.array_equal(env.reset(seed=0)[0], env.reset(seed=0)[0])
+    finally:
+        env.close()
+    wood = shifts.wood_texture(np.random.default_rng(0))
+    assert wood.shape == (shifts.TEX_SIZE, shifts.TEX_SIZE, 3) and wood.mean() < 0.3  # dark
+    assert (wood[..., 0] > wood[..., 2]).mean() > 0.95 and wood.std() > 0.02  # brown, with visible grain
+
+
+def test_distractors_are_not_in_the_model():
+    plain = envs.make_env("pusher", image_size=SIZE)
+    env = shifts.make_shifted_env("pusher", "distractors", "hard", image_size=SIZE)
+    try:
+        env.reset(seed=0)
+        assert env.unwrapped.model.ngeom == plain.unwrapped.model.ngeom  # the shapes live only in the drawn scene
+        assert len(env.ep["use"]) == shifts.N_DISTRACTORS
+    finally:
+        env.close()
+        plain.close()
+
+
+def test_placement_is_outside_the_training_range():
+    radii = {}
+    for name in shifts.MUJOCO:
+        for sev in LADDER[1:]:
+            env = shifts.make_shifted_env(name, "placement", sev, image_size=16, seed=0)
+            try:
+                for seed in range(8):
+                    env.reset(seed=seed)
+                    q = env.unwrapped.data.qpos
+                    if name == "pusher":  # training: puck in [-0.3, 0] x [-0.2, 0.2], goal exactly at 0
+                        puck, goal = q[-4:-2], q[-2:]
+                        assert not (-0.3 <= puck[0] <= 0 and -0.2 <= puck[1] <= 0.2), puck
+                        assert np.linalg.norm(goal) >= 0.03 and np.linalg.norm(puck - goal) > 0.17
+                        r = np.linalg.norm(puck - shifts.PUSHER_BOX_CENTRE)
+                    else:  # training: target radius < 0.2, joints within +-0.1 rad
+                        r = np.linalg.norm(q[-2:])
+                        assert 0.2 <= r <= 0.21 and np.all(np.abs(q[:2]) > 0.1)
+                        r = np.abs(q[0])
+                    radii.setdefault((name, sev), []).append(r)
+            finally:
+                env.close()
+    for name in shifts.MUJOCO:  # each rung's band lies further out than the one before
+        bands = [radii[name, sev] for sev in LADDER[1:]]
+        assert all(max(a) <= min(b) for a, b in zip(bands, bands[1:])), bands
+
+
+# --- MetaDrive (image-space shifts; the RGB camera env needs assets, so its wrapper is tested on fake frames) ----
+@pytest.fixture
+def topdown():  # function scope: MetaDrive allows one open env per process
+    pytest.importorskip("metadrive")
+    env = envs.make_env("metadrive-topdown", image_size=SIZE, seed=0)
+    yield env
+    env.close()
+
+
+def test_metadrive_topdown_shifts(topdown):
+    base, again = rollout(topdown), rollout(topdown)
+    # MetaDrive itself (Bullet physics) repeats an episode only to ~1e-9 across resets, so compare with a
+    # tolerance; the shift cannot reach the simulator anyway (it only edits the returned frame).
+    same = functools.partial(np.testing.assert_allclose, rtol=0, atol=1e-6)
+    same(again["rewards"], base["rewards"])
+    for shift in shifts.shift_names("metadrive-topdown"):
+        runs = {sev: rollout(shifts.ShiftWrapper(topdown, "metadrive-topdown", shift, sev, seed=0))
+                for sev in LADDER[1:]}
+        dists = [0.0] + [distance(runs[sev], base) for sev in LADDER[1:]]
+        assert all(a < b for a, b in zip(dists, dists[1:])), f"{shift}: not increasing {dists}"
+        for run in runs.values():
+            same(run["rewards"], base["rewards"])
+            assert np.array_equal(run["dones"], base["dones"])
+        again = rollout(shifts.ShiftWrapper(topdown, "metadrive-topdown", shift, "hard", seed=0))
+        assert np.array_equal(again["frames"], runs["hard"]["frames"])  # noise too is seeded
+    noisy = rollout(shifts.ShiftWrapper(topdown, "metadrive-topdown", "weather", "hard_noisy_low_light"))
+    assert distance(noisy, base) > dists[-1]
+
+
+class FakeCamera(gym.Env):
+    """Stands in for the `metadrive` RGB env (no assets here): sky above, road below."""
+    observation_space = gym.spaces.Box(0, 255, (SIZE, SIZE, 3), np.uint8)
+    action_space = gym.spaces.Box(-1, 1, (2,), np.float32)
+
+    def _frame(self):
+        img = np.zeros((SIZE, SIZE, 3), np.uint8)
+        img[: SIZE // 2], img[SIZE // 2:] = (140, 180, 230), (90, 90, 85)
+        return img
+
+    def reset(self, *, seed=None, options=None):
+        return self._frame(), {}
+
+    def step(self, action):
+        return self._frame(), 1.0, False, False, {}
+
+
+def test_metadrive_camera_weather_ladder_and_fog_gradient():
+    frames = {sev: shifts.ShiftWrapper(FakeCamera(), "metadrive", "weather", sev).reset(seed=0)[0]
+              for sev in LADDER[1:] + ("hard_noisy_low_light",)}
+    plain = FakeCamera()._frame().astype(int)
+    dists = [np.abs(frames[sev] - plain).mean() for sev in LADDER[1:]]
+    assert 0 < dists[0] < dists[1] < dists[2], dists
+    # fog is thickest at the top of the forward view: the sky moves toward the fog colour more than the bonnet
+    fog = shifts.weather_image(np.full((SIZE, SIZE, 3), 255, np.uint8), shifts.WEATHERS["hard_low_light"],
+                               np.random.default_rng(0), vertical_fog=True)
+    assert fog[0].mean() < fog[-1].mean()
+    assert not np.array_equal(frames["hard_noisy_low_light"], frames["hard"])
 
 
 # ---------------------------------------------------------------------------------------------------------
