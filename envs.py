@@ -7,7 +7,7 @@
   make_env("pointmass")          a dot steered to a goal, drawn with numpy: learnable in minutes on a CPU (the
                                  sanity check that the agent learns; not a task of the paper)
 
-One wrapper (`PixelEnv`) gives all four the same contract: observation = the rendered frame (never the state
+One wrapper (`PixelEnv`) gives all of them the same contract: observation = the rendered frame (never the state
 vector), actions rescaled from [-1, 1] to the task's bounds, `action_repeat` repeats summing rewards, gymnasium's
 5-tuple API. Episode limits are the tasks' own: Pusher-v5 100 and Reacher-v5 50 simulator steps (so 50 / 25 agent
 steps at the default repeat of 2); MetaDrive `horizon` agent steps (1000 unless given).
@@ -143,7 +143,7 @@ class PointMass(gym.Env):
 
     def _render(self) -> np.ndarray:
         frame = np.full((self.size, self.size, 3), 200, np.uint8)
-        radius = max(0.12, 2.5 / self.size)  # at least ~1.5 px, so small frames still show both dots
+        radius = max(0.2, 2.5 / self.size)  # 3 px at 32x32: big enough that reconstructing the frame needs them
         for (x, y), colour in ((self.goal, (220, 30, 30)), (self.pos, (30, 60, 220))):
             frame[(self._xx - x) ** 2 + (self._yy - y) ** 2 < radius**2] = colour
         return frame
