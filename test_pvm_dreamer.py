@@ -114,10 +114,11 @@ def test_rssm_and_heads_shapes():
     assert deter.shape == (2, 8, D) and stoch.shape == (2, 8, S * C)
     # Latents are one-hot per group in the forward pass.
     torch.testing.assert_close(stoch.unflatten(-1, (S, C)).sum(-1), torch.ones(2, 8, S))
-    assert agent.wm.decoder(torch.cat([deter, stoch], -1)).shape == (2, 8, 3, 32, 32)
+    assert agent.wm.decoder(torch.cat([deter, stoch], -1)).shape == (2, 8, 32, 32, 3)
     for backprop in (False, True):
-        feats, raw, ent = agent.imagine(deter.detach().flatten(0, 1), stoch.detach().flatten(0, 1), backprop)
-        assert feats.shape == (16, 16, D + S * C) and raw.shape == (15, 16, 2) and ent.shape == (15, 16)
+        feats, raw, out = agent.imagine(deter.detach().flatten(0, 1), stoch.detach().flatten(0, 1), backprop)
+        assert feats.shape == (16, 16, D + S * C) and raw.shape == (15, 16, 2) and out.shape == (15, 16, 4)
+        assert out.requires_grad  # the actor's outputs keep their graph for the policy loss
         assert feats.requires_grad == backprop
     # Zero-initialised reward and value outputs predict exactly 0 at the start ([D3]).
     assert pd.twohot_mean(agent.wm.reward(feats), agent.wm.bins).abs().max() < 1e-5
