@@ -906,3 +906,74 @@ def test_eval_shifts_flag_runs_at_the_end_of_training_pointmass_has_no_shifts(tm
     assert "pointmass has no visual shifts" in capsys.readouterr().out
     rows = json.loads((tmp_path / "r" / "shift_eval.json").read_text())["rows"]
     assert [(r["policy"], r["shift"]) for r in rows] == [("random", "none"), ("agent", "none")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segmentation probe (probe.py): Jaccard, the attention-mass threshold, ground truth, end to end
+# ---------------------------------------------------------------------------------------------------------
+import probe  # noqa: E402
+
+
+def test_jaccard_on_constructed_masks():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True  # top half
+    assert probe.jaccard(a, a) == 1.0
+    assert probe.jaccard(a, ~a) == 0.0
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True  # shares one row of two with a: 4 / 12
+    assert probe.jaccard(a, b) == pytest.approx(1 / 3)
+    assert probe.jaccard(a, np.ones((4, 4), bool)) == 0.5
+    assert probe.jaccard(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_top_mass_mask_keeps_the_smallest_set_holding_the_mass():
+    att = np.array([[0.1, 0.5], [0.3, 0.1]])
+    assert probe.top_mass_mask(att, 0.6).tolist() == [[False, True], [True, False]]  # 0.5 < 0.6 <= 0.8
+    assert probe.top_mass_mask(att, 0.5).tolist() == [[False, True], [False, False]]  # 0.5 alone holds it
+    assert probe.top_mass_mask(att, 1.0).all()
+    batch = np.stack([att * 7.0, att[::-1]])  # scale-free, and each map of a batch on its own
+    out = probe.top_mass_mask(batch, 0.6)
+    assert out.shape == (2, 2, 2) and (out[0] == probe.top_mass_mask(att, 0.6)).all() and (out[1] == out[0][::-1]).all()
+
+
+def test_ground_truth_mask_covers_the_task_objects_and_follows_the_arm():
+    frames, masks = probe.collect("pusher", "none", "none", n=4, image_size=64, seed=0)
+    assert frames.shape == (4, 64, 64, 3) and masks.shape == (4, 64, 64)
+    assert all(0.02 < m.mean() < 0.5 for m in masks)  # objects in view, table and background not in the mask
+    red = (frames[..., 0] > 180) & (frames[..., 1] < 60) & (frames[..., 2] < 60)  # the red goal's pixels
+    assert red.any() and masks[red].mean() > 0.9
+    assert (masks[0] != masks[-1]).sum() > 20  # random actions moved the arm over 15 steps
+    env = shifts.make_shifted_env("pusher", seed=0, image_size=64)
+    env.reset(seed=0)
+    geoms = probe.part_geoms(env.unwrapped.model, "pusher")
+    before = probe.mujoco_segmentation(env, geoms)
+    for _ in range(5):
+        env.step(np.ones(7, np.float32))
+    after = probe.mujoco_segmentation(env, geoms)
+    env.close()
+    assert before.any() and (before != after).sum() > 20
+
+
+@pytest.mark.parametrize("pvm", ["dinov2", "clip"])
+def test_probe_end_to_end_on_random_tiny_pvm(pvm, tmp_path, capsys):
+    out = tmp_path / "probe.png"
+    torch.manual_seed(0)  # the random tiny ViT
+    summary = probe.main(["--pvm", pvm, "--pvm-id", "tiny", "--pvm-random-init", "--env", "pusher", "--image-size",
+                          "32", "--pvm-image-size", "32", "--frames", "3", "--shift", "color", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in printed and "Jaccard" in printed
+    assert set(summary["results"]) == {"ID", "color:hard"} and summary["random_weights"]
+    for r in summary["results"].values():
+        assert 0.0 <= r["mean"] <= 1.0 and len(r["per_frame"]) == 3 and len(r["per_head"]) == 2
+        assert 0.0 < r["attn_fraction"] < 1.0  # a mask, neither empty nor every patch
+    assert out.read_bytes()[:4] == b"\x89PNG" and json.loads(out.with_suffix(".json").read_text())["env"] == "pusher"
+
+
+@pytest.mark.parametrize("flags,needle", [(["--env", "metadrive-topdown"], "unsupported"),
+                                          (["--shift", "fog"], "camera"), ([], "--pvm dinov2|clip")])
+def test_probe_bad_input_is_one_line(flags, needle, capsys):
+    pvm = [] if not flags else ["--pvm", "dinov2", "--pvm-id", "tiny", "--pvm-random-init", "--pvm-image-size", "32"]
+    with pytest.raises(SystemExit) as e:
+        probe.main([*pvm, "--image-size", "32", "--frames", "1", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
