@@ -964,7 +964,7 @@ def test_probe_end_to_end_on_random_tiny_pvm(pvm, tmp_path, capsys):
     assert "RANDOM WEIGHTS" in printed and "Jaccard" in printed
     assert set(summary["results"]) == {"ID", "color:hard"} and summary["random_weights"]
     for r in summary["results"].values():
-        assert 0.0 <= r["mean"] <= 1.0 and len(r["per_frame"]) == 3 and len(r["per_head"]) == 2
+        assert 0.0 <= r["mean"] <= 1.0 and 0.0 < r["chance"] < 1.0 and len(r["per_frame"]) == 3 and len(r["per_head"]) == 2
         assert 0.0 < r["attn_fraction"] < 1.0  # a mask, neither empty nor every patch
     assert out.read_bytes()[:4] == b"\x89PNG" and json.loads(out.with_suffix(".json").read_text())["env"] == "pusher"
 
