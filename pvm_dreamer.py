@@ -128,6 +128,8 @@ class Args:
     """write the first evaluation episode of each evaluation to RUN/videos/*.mp4"""
     log_every: int = 1_000
     """agent steps between logged averages of the training losses"""
+    eval_shifts: bool = False
+    """at the end of training, evaluate the final agent under every shift x severity (see evaluate.py)"""
 
     # --- DreamerV3 hyperparameters ([D3] defaults unless marked)
     wm_lr: float = 1e-4  # differs from paper: latest code uses 4e-5 with LaProp; 1e-4 is the paper's Adam rate
@@ -1154,6 +1156,10 @@ def train(args: Args):
     env.close()
     print(summarize(run_dir))
     print(f"done: {step} steps, {updates} updates; run in {run_dir}")
+    if args.eval_shifts:  # the paper's robustness table for this run: RUN/shift_eval.{json,csv,md}
+        from evaluate import evaluate_run  # (a plain `import evaluate` would shadow evaluate() in this function)
+
+        evaluate_run(run_dir, episodes=args.eval_episodes or 10, device=args.device)
     return dict(run_dir=str(run_dir), step=step, updates=updates)
 
 

@@ -796,3 +796,185 @@ def test_help_documents_every_flag():
                          text=True, timeout=120).stdout
     for name in pd.Args.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in out, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation under shift (evaluate.py): drop %, aggregation over seeds, checkpoint -> table end to end
+# ---------------------------------------------------------------------------------------------------------
+import evaluate as ev  # noqa: E402
+
+
+def test_drop_percent():
+    assert ev.drop_percent(100.0, 75.0, 0.0) == 25.0
+    assert ev.drop_percent(-10.0, -40.0, -40.0) == 100.0  # as bad as random
+    assert ev.drop_percent(10.0, 12.0, 2.0) == -25.0  # better than in distribution
+    assert ev.drop_percent(5.0, 0.0, 5.0) is None and ev.drop_percent(1.0, 0.0, 3.0) is None  # ID <= random
+
+
+def shift_rows(pvm, mode, seed, id_ret, rnd, shifted: dict, env="pusher"):
+    base = dict(env=env, pvm=pvm, mode=mode, seed=seed, step=100, std=0.0, episodes=1)
+    rows = [dict(base, policy="random", shift="none", severity="none", mean=rnd, returns=[rnd]),
+            dict(base, policy="agent", shift="none", severity="none", mean=id_ret, returns=[id_ret])]
+    return rows + [dict(base, policy="agent", shift=s, severity=v, mean=x, returns=[x]) for (s, v), x in shifted.items()]
+
+
+def test_aggregate_mean_and_standard_error_over_seeds():
+    rows = (shift_rows("dinov2", "partial", 1, 10.0, 0.0, {("color", "hard"): 5.0, ("table", "hard"): 10.0})
+            + shift_rows("dinov2", "partial", 2, 20.0, 0.0, {("color", "hard"): 10.0, ("table", "hard"): 0.0})
+            + shift_rows("none", "scratch", 1, 1.0, 2.0, {("color", "hard"): 0.0, ("table", "hard"): 1.0}))
+    agg = {(a["encoder"], a["shift"], a["severity"]): a for a in ev.aggregate(rows)}
+    a = agg[("dinov2-partial", "none", "none")]
+    assert a["n"] == 2 and a["mean"] == 15.0 and a["se"] == pytest.approx(np.std([10, 20], ddof=1) / np.sqrt(2))
+    a = agg[("dinov2-partial", "color", "hard")]  # drops 50 % and 50 %
+    assert a["mean"] == 7.5 and a["drop"] == 50.0 and a["drop_se"] == 0.0
+    a = agg[("dinov2-partial", "table", "hard")]  # drops 0 % and 100 %
+    assert a["drop"] == 50.0 and a["drop_se"] == pytest.approx(50.0)
+    a = agg[("dinov2-partial", "mean", "hard")]  # per seed mean over shifts: 7.5 (drop 25 %), 5 (drop 75 %)
+    assert a["mean"] == 6.25 and a["drop"] == 50.0
+    cnn = agg[("cnn", "color", "hard")]  # one seed, ID below random: no SE, drop undefined
+    assert cnn["se"] is None and cnn["drop"] is None and agg[("cnn", "random", "none")]["mean"] == 2.0
+    md = ev.markdown_table(ev.aggregate(rows))
+    assert "| dinov2-partial | 2 | 0.0 ± 0.0 | 15.0 ± 5.0 | 6.2 ± 1.2 (50 ± 25) |" in md
+    assert "| cnn | color | hard | 0.0 | n/a |" in md and "ID return <= random" in md
+    with pytest.raises(pd.UsageError, match="once"):  # the same run passed twice
+        ev.aggregate(rows + rows[:2])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("shift_eval")
+    pd.main(["--env", "reacher", "--size", "tiny", "--image-size", "32", "--total-steps", "120", "--learning-starts",
+             "60", "--batch-size", "2", "--batch-length", "8", "--eval-episodes", "1", "--logdir", str(logdir),
+             "--run-name", "r"])
+    return logdir / "r"
+
+
+def test_evaluate_command_writes_the_table(tiny_run, tmp_path):
+    import csv
+
+    ev.main([str(tiny_run), "--episodes", "1", "--shifts", "color,table", "--severities", "hard", "--capture-video",
+             "--video-shift", "table:hard"])
+    rows = json.loads((tiny_run / "shift_eval.json").read_text())["rows"]
+    conds = [(r["policy"], r["shift"], r["severity"]) for r in rows]
+    assert conds == [("random", "none", "none"), ("agent", "none", "none"), ("agent", "color", "hard"),
+                     ("agent", "table", "hard")]
+    assert all(r["step"] == 120 and r["seed"] == 1 and r["pvm"] == "none" and len(r["returns"]) == 1 for r in rows)
+    with open(tiny_run / "shift_eval.csv") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == ev.CSV_COLUMNS and len(table) == 4 and table[0]["policy"] == "random"
+    md = (tiny_run / "shift_eval.md").read_text()
+    assert "| cnn | color | hard |" in md and "| cnn | table | hard |" in md
+    assert sorted(p.name for p in tiny_run.glob("videos/shift_eval_*.mp4")) == ["shift_eval_none_none.mp4",
+                                                                              "shift_eval_table_hard.mp4"]
+    # Two seeds' results (the second a relabelled copy) -> aggregate table and plot from the command line.
+    other = json.loads((tiny_run / "shift_eval.json").read_text())
+    for r in other["rows"]:
+        r["seed"], r["mean"] = 2, r["mean"] + 1.0
+    (tmp_path / "s2.json").write_text(json.dumps(other))
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "aggregate", str(tiny_run / "shift_eval.json"),
+                           str(tmp_path / "s2.json"), "--out", str(tmp_path / "t.md"), "--plot",
+                           str(tmp_path / "p.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| cnn | 2 |" in (tmp_path / "t.md").read_text() and " ± 0.5" in proc.stdout
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flags,needle", [(["--shifts", "fog"], "camera"), (["--severities", "extreme"], "medium"),
+                                          (["--episodes", "0"], "at least 1")])
+def test_evaluate_bad_input_is_one_line(tiny_run, flags, needle):
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tiny_run), *flags], capture_output=True,
+                          text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_checkpoint_lookup_prefers_the_newest_in_checkpoints_dir(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    assert ev.find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+    (tmp_path / "checkpoints").mkdir()
+    for i, name in enumerate(["ckpt_200.pt", "ckpt_100.pt"]):  # written in this order: ckpt_100 is the newest
+        (tmp_path / "checkpoints" / name).write_bytes(b"x")
+        os.utime(tmp_path / "checkpoints" / name, (1000 + i, 1000 + i))
+    assert ev.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ckpt_100.pt"
+    with pytest.raises(pd.UsageError, match="no checkpoint"):
+        ev.find_checkpoint(tmp_path / "missing")
+
+
+def test_eval_shifts_flag_runs_at_the_end_of_training_pointmass_has_no_shifts(tmp_path, capsys):
+    pd.main(["--env", "pointmass", "--size", "tiny", "--image-size", "32", "--total-steps", "60", "--learning-starts",
+             "50", "--batch-size", "2", "--batch-length", "8", "--eval-episodes", "1", "--logdir", str(tmp_path),
+             "--run-name", "r", "--eval-shifts"])
+    assert "pointmass has no visual shifts" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "r" / "shift_eval.json").read_text())["rows"]
+    assert [(r["policy"], r["shift"]) for r in rows] == [("random", "none"), ("agent", "none")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segmentation probe (probe.py): Jaccard, the attention-mass threshold, ground truth, end to end
+# ---------------------------------------------------------------------------------------------------------
+import probe  # noqa: E402
+
+
+def test_jaccard_on_constructed_masks():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True  # top half
+    assert probe.jaccard(a, a) == 1.0
+    assert probe.jaccard(a, ~a) == 0.0
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True  # shares one row of two with a: 4 / 12
+    assert probe.jaccard(a, b) == pytest.approx(1 / 3)
+    assert probe.jaccard(a, np.ones((4, 4), bool)) == 0.5
+    assert probe.jaccard(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_top_mass_mask_keeps_the_smallest_set_holding_the_mass():
+    att = np.array([[0.1, 0.5], [0.3, 0.1]])
+    assert probe.top_mass_mask(att, 0.6).tolist() == [[False, True], [True, False]]  # 0.5 < 0.6 <= 0.8
+    assert probe.top_mass_mask(att, 0.5).tolist() == [[False, True], [False, False]]  # 0.5 alone holds it
+    assert probe.top_mass_mask(att, 1.0).all()
+    batch = np.stack([att * 7.0, att[::-1]])  # scale-free, and each map of a batch on its own
+    out = probe.top_mass_mask(batch, 0.6)
+    assert out.shape == (2, 2, 2) and (out[0] == probe.top_mass_mask(att, 0.6)).all() and (out[1] == out[0][::-1]).all()
+
+
+def test_ground_truth_mask_covers_the_task_objects_and_follows_the_arm():
+    frames, masks = probe.collect("pusher", "none", "none", n=4, image_size=64, seed=0)
+    assert frames.shape == (4, 64, 64, 3) and masks.shape == (4, 64, 64)
+    assert all(0.02 < m.mean() < 0.5 for m in masks)  # objects in view, table and background not in the mask
+    red = (frames[..., 0] > 180) & (frames[..., 1] < 60) & (frames[..., 2] < 60)  # the red goal's pixels
+    assert red.any() and masks[red].mean() > 0.9
+    assert (masks[0] != masks[-1]).sum() > 20  # random actions moved the arm over 15 steps
+    env = shifts.make_shifted_env("pusher", seed=0, image_size=64)
+    env.reset(seed=0)
+    geoms = probe.part_geoms(env.unwrapped.model, "pusher")
+    before = probe.mujoco_segmentation(env, geoms)
+    for _ in range(5):
+        env.step(np.ones(7, np.float32))
+    after = probe.mujoco_segmentation(env, geoms)
+    env.close()
+    assert before.any() and (before != after).sum() > 20
+
+
+@pytest.mark.parametrize("pvm", ["dinov2", "clip"])
+def test_probe_end_to_end_on_random_tiny_pvm(pvm, tmp_path, capsys):
+    out = tmp_path / "probe.png"
+    torch.manual_seed(0)  # the random tiny ViT
+    summary = probe.main(["--pvm", pvm, "--pvm-id", "tiny", "--pvm-random-init", "--env", "pusher", "--image-size",
+                          "32", "--pvm-image-size", "32", "--frames", "3", "--shift", "color", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in printed and "Jaccard" in printed
+    assert set(summary["results"]) == {"ID", "color:hard"} and summary["random_weights"]
+    for r in summary["results"].values():
+        assert 0.0 <= r["mean"] <= 1.0 and 0.0 < r["chance"] < 1.0 and len(r["per_frame"]) == 3 and len(r["per_head"]) == 2
+        assert 0.0 < r["attn_fraction"] < 1.0  # a mask, neither empty nor every patch
+    assert out.read_bytes()[:4] == b"\x89PNG" and json.loads(out.with_suffix(".json").read_text())["env"] == "pusher"
+
+
+@pytest.mark.parametrize("flags,needle", [(["--env", "metadrive-topdown"], "unsupported"),
+                                          (["--shift", "fog"], "camera"), ([], "--pvm dinov2|clip")])
+def test_probe_bad_input_is_one_line(flags, needle, capsys):
+    pvm = [] if not flags else ["--pvm", "dinov2", "--pvm-id", "tiny", "--pvm-random-init", "--pvm-image-size", "32"]
+    with pytest.raises(SystemExit) as e:
+        probe.main([*pvm, "--image-size", "32", "--frames", "1", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
