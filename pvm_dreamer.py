@@ -313,9 +313,11 @@ def norm(dim: int) -> nn.LayerNorm:
 
 
 def mlp(inp: int, units: int, layers: int) -> nn.Sequential:
+    """The bias before the norm matters: without it norm(W a) forgets the scale of a low-dimensional input (a
+    2-D action a and 0.1 a would embed identically), so the dynamics could not tell a nudge from a full push."""
     mods = []
     for i in range(layers):
-        mods += [nn.Linear(inp if i == 0 else units, units, bias=False), norm(units), nn.SiLU()]
+        mods += [nn.Linear(inp if i == 0 else units, units), norm(units), nn.SiLU()]
     return nn.Sequential(*mods)
 
 

@@ -124,6 +124,18 @@ def test_rssm_and_heads_shapes():
     assert pd.twohot_mean(agent.wm.reward(feats), agent.wm.bins).abs().max() < 1e-5
 
 
+def test_dynamics_see_the_size_of_an_action():
+    # A 2-D action and half of it must embed differently (a Linear without bias before the norm maps both to
+    # the same vector, and the world model could not learn how far an action moves the agent).
+    torch.manual_seed(0)
+    args = tiny_args()
+    rssm = pd.Dreamer(pd.make_encoder(args), 2, args).wm.rssm
+    a = torch.tensor([[0.8, -0.4]])
+    assert not torch.allclose(rssm.in_action(a), rssm.in_action(0.5 * a), atol=1e-3)
+    deter, stoch = rssm.initial(1, "cpu")
+    assert not torch.allclose(rssm.core(deter, stoch, a), rssm.core(deter, stoch, 0.5 * a), atol=1e-4)
+
+
 def test_rssm_resets_on_is_first():
     torch.manual_seed(0)
     args = tiny_args()
