@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import socket
 import sys
@@ -1010,7 +1011,7 @@ def check_checkpoint(state, path: Path, args: Args) -> dict:
                          "continue it with the version that wrote it, or start a new run")
     diff = {k: state["args"].get(k) for k in ARCH_FLAGS if state["args"].get(k) != getattr(args, k)}
     if diff:
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in diff.items())
+        flags = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in diff.items())
         raise UsageError(f"checkpoint {path} was trained with other settings; rerun with {flags}")
     return state
 
@@ -1105,7 +1106,8 @@ def _row_step(row: str) -> float:
 
 def summarize(run_dir: Path) -> str:
     """What a run learned, from its metrics.jsonl: evaluation returns vs the random policy, world-model loss."""
-    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
+    path = run_dir / "metrics.jsonl"  # absent when no episode ended and nothing was evaluated
+    rows = [json.loads(r) for r in path.read_text().splitlines() if r] if path.exists() else []
     pick = lambda key: [r for r in rows if key in r]  # noqa: E731
     lines = [f"eval return at step {r['step']}: {r['eval/return_mean']:.2f} +- {r['eval/return_std']:.2f}"
              for r in pick("eval/return_mean")]
@@ -1285,9 +1287,10 @@ def train(args: Args):
     device = resolve_device(args.device)
     run_dir, state = open_run(args)
     seed_everything(args.seed, args.torch_deterministic)
+    encoder = make_encoder(args)  # before the env: a bad PVM id or size then leaves no env to close
     env = make_run_env(args)
     action_dim = env.action_space.shape[0]
-    agent = Dreamer(make_encoder(args), action_dim, args).to(device)
+    agent = Dreamer(encoder, action_dim, args).to(device)
     opt = make_optimizers(agent, args)
     replay = Replay(args.replay_size, env.observation_space.shape, action_dim, args.seed)
     p = restore(state, agent, opt, replay, env) if state else Progress(
@@ -1390,19 +1393,22 @@ def parse_args(argv=None) -> Args:
 
 
 def one_line(box: str) -> str:
-    """The first section of a tyro error box ('│ text │' rows up to a ─── rule), plus a 'Perhaps you meant'."""
-    rows = [r.strip("│ \t") for r in box.splitlines() if r.startswith("│")]
+    """The message of a tyro error box, plus its 'Perhaps you meant' flag. tyro draws either a unicode box with
+    the title in its top border, or (when it thinks the terminal lacks unicode) a title line above a ---- rule."""
     sections, current = [], []
-    for r in rows:
-        if r and set(r) == {"─"}:
+    for line in box.splitlines():
+        line = line.strip(" │╭╮╰╯\t")
+        if line.startswith("─") or set(line) == {"-"}:  # a rule, or the top border with the title in it
             sections.append(current)
             current = []
-        elif r:
-            current.append(r)
+        elif line:
+            current.append(line)
     sections.append(current)
-    text = " ".join(sections[0]) or next((r for r in box.splitlines() if r.strip()), "bad arguments")
-    hint = next((s for s in sections[1:] if s and s[0].startswith("Perhaps you meant")), None)
-    return text + (f"; perhaps you meant {hint[1].split()[0]}" if hint and len(hint) > 1 else "")
+    body = [s for s in sections[1:] if s] if sections[0] else [s for s in sections if s]  # drop an ASCII title
+    if not body:
+        return box.strip().replace("\n", " ") or "bad arguments"
+    hint = next((s for s in body[1:] if s[0].startswith("Perhaps you meant") and len(s) > 1), None)
+    return " ".join(body[0]) + (f"; perhaps you meant {hint[1].split()[0]}" if hint else "")
 
 
 def main(argv=None):
