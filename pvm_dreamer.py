@@ -1305,8 +1305,10 @@ def train(args: Args):
 
     run_dir.mkdir(parents=True, exist_ok=True)  # every check has passed: the first write of the run
     logger = start_logging(run_dir, agent, env, args, p.step if state else None)
-    save = lambda: save_checkpoint(run_dir, checkpoint_state(agent, opt, replay, env, p, args),  # noqa: E731
-                                   args.keep_checkpoints)
+
+    def save():
+        save_checkpoint(run_dir, checkpoint_state(agent, opt, replay, env, p, args), args.keep_checkpoints)
+
     if state is None:
         save()  # step 0: from here on the run can always be continued with --resume
     last_ckpt, batch_steps = p.step, args.batch_size * args.batch_length
