@@ -952,7 +952,8 @@ def checkpoint_state(agent, opt, replay, env, progress: Progress, args: Args) ->
     agent, so agent.state_dict() holds them."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-               action_space=env.action_space.np_random.bit_generator.state)  # the random prefill's actions
+               action_space=env.action_space.np_random.bit_generator.state,  # the random prefill's actions
+               env=env.np_random.bit_generator.state)  # the next reset's start state
     return dict(format=CHECKPOINT_FORMAT, args=asdict(args), **asdict(progress), agent=agent.state_dict(),
                 opt={k: o.state_dict() for k, o in opt.items()}, rng=rng,
                 replay=replay.state_dict() if args.checkpoint_replay else None)
@@ -1178,6 +1179,7 @@ def restore(state: dict, agent, opt, replay, env) -> Progress:
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
     env.action_space.np_random.bit_generator.state = rng["action_space"]
+    env.np_random.bit_generator.state = rng["env"]
     return Progress(**{k: state[k] for k in Progress.__dataclass_fields__})
 
 
@@ -1314,7 +1316,8 @@ def train(args: Args):
     last_ckpt, batch_steps = p.step, args.batch_size * args.batch_length
     # A resumed run starts a fresh episode, also from a checkpoint taken mid-episode (at a --checkpoint-every
     # mark or on SIGTERM): the simulator's state is not saved, and is_first tells the world model of the cut.
-    obs, _ = env.reset(seed=args.seed + p.step)
+    # The env's RNG is, so from a checkpoint at an episode's end the resumed run IS the uninterrupted one.
+    obs, _ = env.reset(seed=None if state else args.seed)
     replay.add(obs, np.zeros(action_dim), 0.0, True, False)
     act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
     start_time, start_step = time.time(), p.step

@@ -976,6 +976,23 @@ def test_same_seed_same_losses(tmp_path, capsys):
     assert sum("wm/loss" in r for r in runs[0]) >= 3 and runs[0] == runs[1]
 
 
+def test_resume_at_an_episode_end_reproduces_the_uninterrupted_run(tmp_path, capsys):
+    """Stopping at step 50 (a pointmass episode ends there) and resuming must change nothing: this checks
+    that the checkpoint holds every piece of state (networks, optimisers, return normaliser, replay and its
+    RNG, the global and env RNGs, the fraction of an update owed, the losses not yet logged)."""
+    flags = [*SURVIVE, "--logdir", str(tmp_path), "--checkpoint-every", "50", "--keep-checkpoints", "5"]
+    assert main_in_process([*flags, "--run-name", "a", "--total-steps", "100"], capsys)[0] == 0
+    assert main_in_process([*flags, "--run-name", "b", "--total-steps", "50"], capsys)[0] == 0
+    code, _, err = main_in_process([*flags, "--resume", str(tmp_path / "b"), "--total-steps", "100"], capsys)
+    assert code == 0, err
+    rows = [[{k: v for k, v in r.items() if k != "charts/sps"} for r in read_rows(tmp_path / n)] for n in "ab"]
+    assert rows[0] == rows[1] and sum("wm/loss" in r and r["step"] > 50 for r in rows[0]) >= 2
+    a, b = (pd.read_checkpoint(tmp_path / n / "checkpoints" / "ckpt_000000100.pt") for n in "ab")
+    assert a["updates"] == b["updates"] > 0
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), k
+
+
 @pytest.fixture(scope="module")
 def old_run(tmp_path_factory):
     """A logdir holding a finished run `old` and a directory with a format-1 checkpoint.pt."""
