@@ -779,6 +779,8 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     (["--image-size", "50"], "image-size 50"),
     (["--pvm", "dinov2", "--finetune-blocks", "9"], "finetune-blocks 9"),
     (["--device", "cuda:0"], "cuda"),
+    (["--pvm", "foo"], "'--pvm'"),  # tyro's own errors, folded into one line
+    (["--checkpoint-evry", "5"], "perhaps you meant --checkpoint-every"),
 ])
 def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
     if "cuda" in needle and torch.cuda.is_available():
@@ -991,6 +993,18 @@ def test_resume_at_an_episode_end_reproduces_the_uninterrupted_run(tmp_path, cap
     assert a["updates"] == b["updates"] > 0
     for k in a["agent"]:
         assert torch.equal(a["agent"][k], b["agent"][k]), k
+
+
+def test_tyro_error_boxes_fold_into_one_line():
+    want = "invalid choice 'foo' for argument '--pvm'. Expected one of ('none', 'dinov2', 'clip')."
+    unicode_box = ("╭─ Invalid choice ───────────────╮\n│ invalid choice 'foo' for argument '--pvm'. Expected one of ('none', │\n"
+                   "│ 'dinov2', 'clip').   │\n│ ──────────── │\n│ For full helptext, run x --help │\n╰──────────╯\n")
+    ascii_box = (" Invalid choice    \n ---------------- \n  invalid choice 'foo' for argument '--pvm'. Expected one of ('none', \n"
+                 "  'dinov2', 'clip').  \n  ---------------\n  For full helptext, run\n  x --help  \n")
+    assert pd.one_line(unicode_box) == pd.one_line(ascii_box) == want
+    unknown = ("╭─ Unrecognized options ─╮\n│ Unrecognized options: --chekpoint-every │\n│ ──── │\n│ Perhaps you meant: │\n"
+               "│     --checkpoint-every INT │\n│         agent steps between checkpoints │\n╰────╯\n")
+    assert pd.one_line(unknown) == "Unrecognized options: --chekpoint-every; perhaps you meant --checkpoint-every"
 
 
 @pytest.fixture(scope="module")
