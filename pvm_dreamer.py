@@ -1204,10 +1204,12 @@ def seed_everything(seed: int, deterministic: bool):
 def make_run_env(args: Args):
     try:
         return envs.make_env(args.env, image_size=args.image_size, seed=args.seed, action_repeat=args.action_repeat)
-    except (ValueError, RuntimeError, ImportError, AttributeError) as e:
+    except (ValueError, RuntimeError, ImportError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if args.env in envs.MUJOCO_TASKS and "GL" in msg.upper():  # EGL/OSMesa missing or broken
+        if args.env in envs.MUJOCO_TASKS and any(w in msg for w in ("EGL", "OSMesa", "OpenGL", "GLFW", "libGL")):
             msg += f" (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): try MUJOCO_GL=osmesa, or run `bash setup.sh`"
+        elif isinstance(e, ImportError):
+            raise  # a broken install, not a bad flag: keep the traceback
         raise UsageError(msg) from None
 
 
