@@ -59,22 +59,24 @@ def encoder_label(pvm: str, mode: str) -> str:
 # One run: checkpoint -> agent -> returns on ID, every shift x severity, and the random policy
 # ---------------------------------------------------------------------------------------------------------
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint file as given; for a run directory the newest RUN/checkpoints/*.pt, else RUN/checkpoint.pt."""
+    """A checkpoint file as given; for a run directory its newest intact RUN/checkpoints/ckpt_*.pt."""
     if path.is_file():
         return path
-    ckpts = sorted((path / "checkpoints").glob("*.pt"), key=lambda p: p.stat().st_mtime)
-    found = ckpts[-1] if ckpts else path / "checkpoint.pt"
-    if not found.is_file():
-        raise pd.UsageError(f"no checkpoint in {path}: pass a run directory (with checkpoint.pt) or a checkpoint file")
-    return found
+    for ckpt in reversed(pd.checkpoint_paths(path)):
+        try:
+            pd.read_checkpoint(ckpt)
+            return ckpt
+        except pd.CorruptCheckpoint as e:
+            print(f"checkpoint {ckpt} is corrupt ({e}); trying the one before", file=sys.stderr)
+    raise pd.UsageError(f"no intact checkpoint in {path}/checkpoints: pass a run directory or a checkpoint file")
 
 
 def load_agent(ckpt: Path, device: str) -> tuple[pd.Dreamer, pd.Args, int]:
     """Rebuild the agent from the flags saved in the checkpoint, and load its weights (replay and optimiser unused)."""
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise pd.UsageError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}): pass an intact checkpoint")
+        state = pd.read_checkpoint(ckpt)
+    except pd.CorruptCheckpoint as e:
+        raise pd.UsageError(f"checkpoint {ckpt} is corrupt ({e}): pass an intact checkpoint or its run directory")
     if not isinstance(state, dict) or state.get("format") != pd.CHECKPOINT_FORMAT:
         raise pd.UsageError(f"{ckpt} is not a pvm-dreamer format-{pd.CHECKPOINT_FORMAT} checkpoint")
     known = {f.name for f in fields(pd.Args)}  # tolerate flags added or removed since the run was trained

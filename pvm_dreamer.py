@@ -33,15 +33,21 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
+import io
 import json
+import math
 import os
 import random
+import shlex
+import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass
+from contextlib import closing, redirect_stderr
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_type_hints
 
 import numpy as np
 import torch
@@ -68,11 +74,12 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
     logdir: str = "runs"
-    """runs are written to LOGDIR/RUN_NAME (TensorBoard events, metrics.jsonl, checkpoint.pt, videos/)"""
+    """runs are written to LOGDIR/RUN_NAME (TensorBoard events, metrics.jsonl, checkpoints/, videos/)"""
     run_name: str = ""
     """empty = ENV__ENCODER__SEED__UNIXTIME, as CleanRL names runs"""
     resume: str = ""
-    """a run directory or checkpoint file to continue from (same flags as the original run)"""
+    """a run directory (continues from its newest intact checkpoint) or a checkpoint file; same flags as the
+    original run (--total-steps may grow)"""
     eval_only: bool = False
     """with --resume: load the checkpoint, run --eval-episodes evaluation episodes, write eval_STEP.json, exit"""
 
@@ -117,7 +124,10 @@ class Args:
     replay_size: int = 250_000  # differs from paper: 5e6, which would need 61 GB of 64x64 frames
     """replay capacity in agent steps (uint8 frames: 12 KB each at 64x64)"""
     checkpoint_every: int = 10_000
-    """agent steps between checkpoints (written at the end of the episode that crosses the mark)"""
+    """agent steps between checkpoints RUN/checkpoints/ckpt_STEP.pt (also written at step 0, at the end, and
+    on SIGTERM/Ctrl-C)"""
+    keep_checkpoints: int = 3
+    """how many of the newest checkpoints to keep (older ones are deleted; corrupt ones are kept as *.corrupt)"""
     checkpoint_replay: bool = True
     """store the replay buffer in the checkpoint, so --resume continues with the same data"""
     eval_every: int = 10_000
@@ -914,44 +924,166 @@ def evaluate(agent: Dreamer | None, env, episodes: int, seed: int, video_path: s
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: RUN/checkpoints/ckpt_STEP.pt, the newest --keep-checkpoints of them, each verifiable on its own
 # ---------------------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: checkpoints/ckpt_STEP.pt with a sha256 trailer, loop counters and the env's RNG
 # Flags that define the networks: a checkpoint only loads into a run with the same values.
 ARCH_FLAGS = ("env", "pvm", "pvm_id", "mode", "finetune_blocks", "size", "image_size", "pvm_image_size",
               "pvm_token_dim", "action_repeat")
+# After torch's zip archive (whose reader ignores trailing bytes) comes this line with the sha256 of the archive.
+# torch.load notices a truncated file but not a flipped byte inside a tensor; the checksum notices both.
+TRAILER, TRAILER_LEN = b"\npvm-dreamer sha256 ", len(b"\npvm-dreamer sha256 ") + 64 + 1
 
 
-def save_checkpoint(path: Path, agent, opt, replay, step: int, updates: int, args: Args):
-    state = dict(format=CHECKPOINT_FORMAT, args=asdict(args), step=step, updates=updates,
-                 agent=agent.state_dict(), opt={k: o.state_dict() for k, o in opt.items()},
-                 replay=replay.state_dict() if args.checkpoint_replay else None,
-                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:  # write, flush to disk, then rename: a crash never leaves a half checkpoint
-        torch.save(state, f)
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that is truncated, altered or unreadable; the message says which."""
+
+
+@dataclass
+class Progress:
+    """The training loop's counters. Saved in every checkpoint, so a resumed run trains, logs, evaluates and
+    checkpoints on the schedule the interrupted run would have kept."""
+    step: int = 0  # agent steps taken
+    updates: int = 0  # train_step calls
+    updates_due: float = 0.0  # the fraction of an update owed at --train-ratio
+    next_log: int = 0
+    next_eval: int = 0
+    next_ckpt: int = 0
+    last_eval: int = -1  # step of the newest evaluation (the final one is skipped if it is this step)
+    train_metrics: dict = field(default_factory=dict)  # losses of the updates since the last log row
+
+
+class _HashingWriter:
+    """Hashes what torch.save writes as it goes: the checksum costs no second pass over the file."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first (the step is zero-padded, so names sort by step)."""
+    return sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
+
+
+def checkpoint_state(agent, opt, replay, env, progress: Progress, args: Args) -> dict:
+    """Everything a resumed run needs. The return normaliser and the slow critic are buffers/modules of the
+    agent, so agent.state_dict() holds them."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+               action_space=env.action_space.np_random.bit_generator.state,  # the random prefill's actions
+               env=env.np_random.bit_generator.state)  # the next reset's start state
+    return dict(format=CHECKPOINT_FORMAT, args=asdict(args), **asdict(progress), agent=agent.state_dict(),
+                opt={k: o.state_dict() for k, o in opt.items()}, rng=rng,
+                replay=replay.state_dict() if args.checkpoint_replay else None)
+
+
+def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
+    """Write atomically (tmp file, fsync, rename, fsync the directory), then delete all but the newest `keep`.
+    A crash at any point leaves the previous checkpoints intact and at most a stale ckpt.tmp behind."""
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    path, tmp = ckpt_dir / f"ckpt_{state['step']:09d}.pt", ckpt_dir / "ckpt.tmp"
+    with open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
+        f.write(TRAILER + writer.sha.hexdigest().encode() + b"\n")
         f.flush()
         os.fsync(f.fileno())
+    if os.environ.get("PVM_DREAMER_TEST_SLOW_SAVE"):  # test hook: seconds to wait here, so a test can kill
+        time.sleep(float(os.environ["PVM_DREAMER_TEST_SLOW_SAVE"]))  # the process between write and rename
     os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, args: Args) -> dict:
-    if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise UsageError(f"no checkpoint at {path}: pass a run directory that holds checkpoint.pt, or the file")
+    fd = os.open(ckpt_dir, os.O_RDONLY)  # the rename is durable only once the directory entry is on disk
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}); it may be truncated: "
-                         "restore a copy or start a new run")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for old in checkpoint_paths(run_dir)[:-keep]:
+        old.unlink()
+    return path
+
+
+def read_checkpoint(path: Path) -> dict:
+    """torch.load, after checking the file's sha256 trailer; raises CorruptCheckpoint with the reason."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - TRAILER_LEN))
+        tail = f.read()
+        if len(tail) != TRAILER_LEN or not tail.startswith(TRAILER):
+            raise CorruptCheckpoint("no checksum line at its end: truncated")
+        f.seek(0)
+        sha, left = hashlib.sha256(), size - TRAILER_LEN
+        while left:
+            chunk = f.read(min(left, 1 << 24))
+            sha.update(chunk)
+            left -= len(chunk)
+    if sha.hexdigest().encode() != tail[len(TRAILER):-1]:
+        raise CorruptCheckpoint("sha256 mismatch: its bytes changed after it was written")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CorruptCheckpoint(f"torch.load failed: {type(e).__name__}") from None
+
+
+def check_checkpoint(state, path: Path, args: Args) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"checkpoint {path} is not a pvm-dreamer format-{CHECKPOINT_FORMAT} checkpoint")
-    diff = {k: (state["args"].get(k), getattr(args, k)) for k in ARCH_FLAGS if state["args"].get(k) != getattr(args, k)}
+        raise UsageError(f"checkpoint {path} is not a pvm-dreamer format-{CHECKPOINT_FORMAT} checkpoint: "
+                         "continue it with the version that wrote it, or start a new run")
+    diff = {k: state["args"].get(k) for k in ARCH_FLAGS if state["args"].get(k) != getattr(args, k)}
     if diff:
-        flags = " ".join(f"--{k.replace('_', '-')} {v[0]}" for k, v in diff.items())
+        flags = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in diff.items())
         raise UsageError(f"checkpoint {path} was trained with other settings; rerun with {flags}")
     return state
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory of a --resume argument: itself, or the run that holds the checkpoint file."""
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def load_checkpoint(path: Path, args: Args, fix_corrupt: bool = False) -> dict:
+    """The state of --resume PATH. A file is loaded as named. A run directory yields its newest intact
+    checkpoint: newer corrupt ones are skipped, each reported in one line and, with fix_corrupt, renamed to
+    *.corrupt (never deleted) so that pruning and later resumes pass them by."""
+    legacy = f"{run_dir_of(path)}/checkpoint.pt is a format-1 checkpoint of an older pvm-dreamer: continue " \
+             "that run with the version that wrote it, or start a new run"
+    if path.is_file():
+        if path.name == "checkpoint.pt":
+            raise UsageError(legacy)
+        try:
+            return check_checkpoint(read_checkpoint(path), path, args)
+        except CorruptCheckpoint as e:
+            raise UsageError(f"checkpoint {path} is corrupt ({e}): pass its run directory to use the newest "
+                             "intact one") from None
+    if not path.is_dir():
+        raise UsageError(f"--resume {path}: no such run directory or checkpoint file")
+    corrupt = []
+    for ckpt in reversed(checkpoint_paths(path)):
+        try:
+            state = check_checkpoint(read_checkpoint(ckpt), ckpt, args)
+        except CorruptCheckpoint as e:
+            corrupt.append((ckpt, e))
+            continue
+        for bad, e in corrupt:
+            print(f"checkpoint {bad} is corrupt ({e}); using {ckpt.name}", file=sys.stderr)
+            if fix_corrupt:
+                bad.rename(bad.with_name(bad.name + ".corrupt"))
+        return state
+    if corrupt:
+        raise UsageError(f"every checkpoint in {path}/checkpoints is corrupt (first: {corrupt[0][1]}); "
+                         "start a new run")
+    if (path / "checkpoint.pt").is_file():
+        raise UsageError(legacy)
+    raise UsageError(f"{path} holds no checkpoints/ckpt_*.pt (a run stopped before its first checkpoint cannot "
+                     "be continued): pass a run directory, or delete it and start again")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -964,11 +1096,15 @@ class Logger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.jsonl.exists():  # drop rows written after the checkpoint
-            rows = [r for r in self.jsonl.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
-            self.jsonl.write_text("".join(r + "\n" for r in rows))
-        # purge_step hides TensorBoard events logged after the checkpoint by the run that crashed.
-        self.writer = SummaryWriter(str(run_dir), purge_step=resume_step)
+        if resume_step is not None and self.jsonl.exists():
+            # Rows up to the checkpoint were written before it; later ones (and a half-written last line) belong
+            # to the interrupted run, which the resumed run replays. Rewritten via a tmp file: a kill loses nothing.
+            rows = [r for r in self.jsonl.read_text().splitlines() if _row_step(r) <= resume_step]
+            tmp = self.jsonl.with_suffix(".tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, self.jsonl)
+        # purge_step hides TensorBoard events at steps >= it that the interrupted run logged after the checkpoint.
+        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, step: int, metrics: dict):
         for k, v in metrics.items():
@@ -976,13 +1112,28 @@ class Logger:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
+    def sync(self):
+        """Put every row on disk before a checkpoint that claims them (else a power cut could lose rows)."""
+        self.writer.flush()
+        if self.jsonl.exists():
+            with open(self.jsonl, "a") as f:
+                os.fsync(f.fileno())
+
     def close(self):
         self.writer.close()
 
 
+def _row_step(row: str) -> float:
+    try:
+        return json.loads(row)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut short by a kill
+
+
 def summarize(run_dir: Path) -> str:
     """What a run learned, from its metrics.jsonl: evaluation returns vs the random policy, world-model loss."""
-    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r]
+    path = run_dir / "metrics.jsonl"  # absent when no episode ended and nothing was evaluated
+    rows = [json.loads(r) for r in path.read_text().splitlines() if r] if path.exists() else []
     pick = lambda key: [r for r in rows if key in r]  # noqa: E731
     lines = [f"eval return at step {r['step']}: {r['eval/return_mean']:.2f} +- {r['eval/return_std']:.2f}"
              for r in pick("eval/return_mean")]
@@ -1007,6 +1158,66 @@ def keep_freed_memory():
             libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not shrink the heap
         except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
             pass
+GL_BACKENDS = ("egl", "osmesa", "glfw", "cgl", "wgl")  # what MuJoCo accepts in MUJOCO_GL
+
+
+def check_args(args: Args):
+    """Every check that needs no model, env or checkpoint, run before anything is built or written."""
+    hints = get_type_hints(Args)
+    for name, choices in (("env", envs.ENV_NAMES), *((k, get_args(hints[k])) for k in ("pvm", "mode", "size"))):
+        if getattr(args, name) not in choices:  # tyro checks Literals on the command line; Args(...) needs this
+            raise UsageError(f"unknown --{name} {getattr(args, name)!r}; choose one of: {', '.join(choices)}")
+    positive = ("total_steps", "batch_size", "batch_length", "replay_size", "checkpoint_every", "log_every",
+                "keep_checkpoints", "action_repeat", "imag_horizon")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    for name in ("train_ratio", "eval_every", "eval_episodes", "learning_starts", "finetune_blocks"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or more")
+    if args.replay_size < args.batch_length:
+        raise UsageError(f"--replay-size {args.replay_size} holds no window of --batch-length {args.batch_length}")
+    lo, hi = envs.IMAGE_SIZE_RANGE
+    if not lo <= args.image_size <= hi:
+        raise UsageError(f"--image-size {args.image_size} is outside what the renderers draw; use {lo}..{hi}")
+    conv_stages(args.image_size)  # the CNN encoder/decoder's constraint
+    if args.eval_only and not args.resume:
+        raise UsageError("--eval-only needs --resume RUN_DIR (the checkpoint to evaluate)")
+    gl = os.environ.get("MUJOCO_GL", "egl")
+    if args.env in envs.MUJOCO_TASKS and gl not in GL_BACKENDS:
+        raise UsageError(f"MUJOCO_GL={gl} is not a rendering backend: use MUJOCO_GL=egl (GPU, or mesa on a CPU) "
+                         "or MUJOCO_GL=osmesa; `bash setup.sh` installs both")
+
+
+def open_run(args: Args) -> tuple[Path, dict | None]:
+    """The run directory and, with --resume, the checkpoint to continue from. Writes nothing (but renames
+    corrupt checkpoints to *.corrupt). A new run may not reuse a directory that holds files: that is either a
+    finished run or one to continue with --resume, and mixing two runs' logs would corrupt both."""
+    if args.resume:
+        return run_dir_of(Path(args.resume)), load_checkpoint(Path(args.resume), args, fix_corrupt=True)
+    encoder_name = "cnn" if args.pvm == "none" else f"{args.pvm}-{args.mode}"
+    run_dir = Path(args.logdir) / (args.run_name or f"{args.env}__{encoder_name}__{args.seed}__{int(time.time())}")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another "
+                         "--run-name")
+    return run_dir, None
+
+
+def restore(state: dict, agent, opt, replay, env) -> Progress:
+    agent.load_state_dict(state["agent"])
+    for k, o in opt.items():
+        o.load_state_dict(state["opt"][k])
+    if state["replay"] is not None:
+        replay.load_state_dict(state["replay"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
+    env.action_space.np_random.bit_generator.state = rng["action_space"]
+    env.np_random.bit_generator.state = rng["env"]
+    return Progress(**{k: state[k] for k in Progress.__dataclass_fields__})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1014,7 +1225,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} but torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name} is not a torch device; use auto, cpu, cuda or cuda:N") from None
 
 
 def seed_everything(seed: int, deterministic: bool):
@@ -1027,8 +1241,13 @@ def seed_everything(seed: int, deterministic: bool):
 def make_run_env(args: Args):
     try:
         return envs.make_env(args.env, image_size=args.image_size, seed=args.seed, action_repeat=args.action_repeat)
-    except (ValueError, RuntimeError) as e:
-        raise UsageError(str(e)) from None
+    except (ValueError, RuntimeError, ImportError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if args.env in envs.MUJOCO_TASKS and any(w in msg for w in ("EGL", "OSMesa", "OpenGL", "GLFW", "libGL")):
+            msg += f" (MUJOCO_GL={os.environ.get('MUJOCO_GL')}): try MUJOCO_GL=osmesa, or run `bash setup.sh`"
+        elif isinstance(e, ImportError):
+            raise  # a broken install, not a bad flag: keep the traceback
+        raise UsageError(msg) from None
 
 
 def to_torch(batch: dict, device) -> dict:
@@ -1041,139 +1260,220 @@ def run_eval(agent, env, args: Args, run_dir: Path, step: int) -> dict:
     return {"eval/return_mean": float(rets.mean()), "eval/return_std": float(rets.std())}
 
 
+def eval_only(agent, env, args: Args, run_dir: Path, step: int) -> dict:
+    rets = evaluate(agent, env, args.eval_episodes, args.seed + 10_000,
+                    str(run_dir / "videos" / f"eval_only_{step}.mp4") if args.capture_video else "")
+    result = dict(step=step, episodes=len(rets), mean=float(rets.mean()), std=float(rets.std()), returns=rets.tolist())
+    (run_dir / f"eval_{step}.json").write_text(json.dumps(result, indent=1))
+    print(f"eval at step {step}: return {rets.mean():.2f} +- {rets.std():.2f} over {len(rets)} episodes")
+    return result
+
+
+def start_logging(run_dir: Path, agent, env, args: Args, resume_step: int | None) -> Logger:
+    logger = Logger(run_dir, resume_step)
+    if resume_step is None:  # a new run: hyperparameters, and baselines measured by the same evaluation code
+        hp = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
+        logger.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + hp)
+        logger.writer.add_text("encoder", encoder_summary(agent, args))
+        if args.eval_episodes:  # random actions, and the untrained agent
+            rets = evaluate(None, env, args.eval_episodes, args.seed + 10_000)
+            logger.log(0, {"eval/random_return_mean": float(rets.mean()), "eval/random_return_std": float(rets.std()),
+                           **run_eval(agent, env, args, run_dir, 0)})
+    return logger
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient norm: training stops before the poisoned weights reach a checkpoint."""
+
+
+def check_finite(metrics: dict, p: Progress, last_ckpt: int):
+    """One pass over ~20 Python floats (train_step already synced once to produce them): free."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise Diverged(f"{bad[0]} is {metrics[bad[0]]} at step {p.step} (update {p.updates + 1}); stopped without "
+                       f"saving, so the checkpoint of step {last_ckpt} is intact: resume from it with lower "
+                       "learning rates, or look for bad inputs")
+
+
+class StopRequest:
+    """SIGTERM (a cluster pre-empting the job) or Ctrl-C sets a flag; the loop saves a checkpoint after the
+    current step and exits cleanly. A second signal aborts at once."""
+
+    def __init__(self):
+        self.signal = ""
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: saving a checkpoint after this step, then stopping (again to abort)", file=sys.stderr)
+
+
+def next_mark(step: int, every: int) -> int:
+    return step // every * every + every
+
+
 def train(args: Args):
     from tqdm import tqdm
 
+    check_args(args)
     device = resolve_device(args.device)
     if device.type == "cpu":
         keep_freed_memory()
+    run_dir, state = open_run(args)
     seed_everything(args.seed, args.torch_deterministic)
-    conv_stages(args.image_size)  # validate the frame size before anything is built or written
+    encoder = make_encoder(args)  # before the env: a bad PVM id or size then leaves no env to close
     env = make_run_env(args)
     action_dim = env.action_space.shape[0]
-    agent = Dreamer(make_encoder(args), action_dim, args).to(device)
+    agent = Dreamer(encoder, action_dim, args).to(device)
     opt = make_optimizers(agent, args)
     replay = Replay(args.replay_size, env.observation_space.shape, action_dim, args.seed)
-    step = updates = 0
-    state = None
-    if args.resume:
-        state = load_checkpoint(Path(args.resume), args)
-        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-    else:
-        encoder_name = "cnn" if args.pvm == "none" else f"{args.pvm}-{args.mode}"
-        run_dir = Path(args.logdir) / (args.run_name or f"{args.env}__{encoder_name}__{args.seed}__{int(time.time())}")
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another --run-name")
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if state is not None:
-        agent.load_state_dict(state["agent"])
-        for k, o in opt.items():
-            o.load_state_dict(state["opt"][k])
-        if state["replay"] is not None:
-            replay.load_state_dict(state["replay"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        step, updates = state["step"], state["updates"]
+    p = restore(state, agent, opt, replay, env) if state else Progress(
+        next_log=args.log_every, next_eval=args.eval_every or args.total_steps, next_ckpt=args.checkpoint_every)
     print(encoder_summary(agent, args))
     if args.pvm != "none" and args.pvm_random_init:
         print("WARNING: the PVM is RANDOMLY INITIALISED (--pvm-random-init): NOT pre-trained; results from this "
               "run say nothing about pre-trained features.")
-
     if args.eval_only:
-        if state is None:
-            raise UsageError("--eval-only needs --resume RUN_DIR (the checkpoint to evaluate)")
-        rets = evaluate(agent, env, args.eval_episodes, args.seed + 10_000,
-                        str(run_dir / "videos" / f"eval_only_{step}.mp4") if args.capture_video else "")
-        result = dict(step=step, episodes=len(rets), mean=float(rets.mean()), std=float(rets.std()), returns=rets.tolist())
-        (run_dir / f"eval_{step}.json").write_text(json.dumps(result, indent=1))
-        print(f"eval at step {step}: return {rets.mean():.2f} +- {rets.std():.2f} over {len(rets)} episodes")
-        env.close()
-        return result
+        with closing(env):
+            return eval_only(agent, env, args, run_dir, p.step)
 
-    logger = Logger(run_dir, resume_step=step if state is not None else None)
+    run_dir.mkdir(parents=True, exist_ok=True)  # every check has passed: the first write of the run
+    logger = start_logging(run_dir, agent, env, args, p.step if state else None)
+
+    def save():
+        save_checkpoint(run_dir, checkpoint_state(agent, opt, replay, env, p, args), args.keep_checkpoints)
+
     if state is None:
-        hp = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-        logger.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + hp)
-        logger.writer.add_text("encoder", encoder_summary(agent, args))
-        if args.eval_episodes:  # baselines measured by the same evaluation code: random actions, untrained agent
-            rets = evaluate(None, env, args.eval_episodes, args.seed + 10_000)
-            logger.log(0, {"eval/random_return_mean": float(rets.mean()), "eval/random_return_std": float(rets.std()),
-                           **run_eval(agent, env, args, run_dir, 0)})
-    batch_steps = args.batch_size * args.batch_length
-    updates_due = 0.0
-    next_log, next_eval, next_ckpt = (step // n * n + n if n else args.total_steps
-                                      for n in (args.log_every, args.eval_every, args.checkpoint_every))
-    obs, _ = env.reset(seed=args.seed + step)  # a resumed run starts a fresh episode
+        save()  # step 0: from here on the run can always be continued with --resume
+    last_ckpt, batch_steps = p.step, args.batch_size * args.batch_length
+    # A resumed run starts a fresh episode, also from a checkpoint taken mid-episode (at a --checkpoint-every
+    # mark or on SIGTERM): the simulator's state is not saved, and is_first tells the world model of the cut.
+    # The env's RNG is, so from a checkpoint at an episode's end the resumed run IS the uninterrupted one.
+    obs, _ = env.reset(seed=None if state else args.seed)
     replay.add(obs, np.zeros(action_dim), 0.0, True, False)
     act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
-    train_metrics, start_time, start_step = {}, time.time(), step
-    last_eval = last_ckpt = step if state is not None else -1
-    pbar = tqdm(total=args.total_steps, initial=step, unit="step", mininterval=2.0, dynamic_ncols=True)
-    while step < args.total_steps:
-        if step < args.learning_starts:
-            action = env.action_space.sample()
-        else:
-            action, act_state = act(agent, obs, act_state, is_first, explore=True)
-        obs, reward, terminated, truncated, _ = env.step(action)
-        step, is_first, ep_return, ep_len = step + 1, False, ep_return + float(reward), ep_len + 1
-        replay.add(obs, action, reward, False, terminated)
-        pbar.update(1)
+    start_time, start_step = time.time(), p.step
+    pbar = tqdm(total=args.total_steps, initial=p.step, unit="step", mininterval=2.0, dynamic_ncols=True)
+    with StopRequest() as stop, closing(logger), closing(env), pbar:
+        while p.step < args.total_steps:
+            if p.step < args.learning_starts:
+                action = env.action_space.sample()
+            else:
+                action, act_state = act(agent, obs, act_state, is_first, explore=True)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            p.step, is_first, ep_return, ep_len = p.step + 1, False, ep_return + float(reward), ep_len + 1
+            replay.add(obs, action, reward, False, terminated)
+            pbar.update(1)
 
-        if step >= args.learning_starts and len(replay) >= args.batch_length:
-            updates_due += args.train_ratio / batch_steps
-            while updates_due >= 1:
-                for k, v in train_step(agent, opt, to_torch(replay.sample(args.batch_size, args.batch_length), device)).items():
-                    train_metrics.setdefault(k, []).append(v)
-                updates, updates_due = updates + 1, updates_due - 1
+            if p.step >= args.learning_starts and len(replay) >= args.batch_length:
+                p.updates_due += args.train_ratio / batch_steps
+                while p.updates_due >= 1:
+                    metrics = train_step(agent, opt, to_torch(replay.sample(args.batch_size, args.batch_length), device))
+                    check_finite(metrics, p, last_ckpt)  # "never silently train on NaNs"
+                    for k, v in metrics.items():
+                        p.train_metrics.setdefault(k, []).append(v)
+                    p.updates, p.updates_due = p.updates + 1, p.updates_due - 1
 
-        if not (terminated or truncated):
-            continue
-        # ---- episode boundary: log, evaluate, checkpoint (evaluation uses this env, so only between episodes)
-        sps = (step - start_step) / (time.time() - start_time)
-        episode_log = {"charts/episodic_return": ep_return, "charts/episodic_length": ep_len, "charts/sps": sps,
-                       "charts/updates": updates}
-        if step >= next_log and train_metrics:
-            episode_log.update({k: float(np.mean(v)) for k, v in train_metrics.items()})
-            train_metrics, next_log = {}, next_log + args.log_every
-        if args.eval_episodes and args.eval_every and step >= next_eval:
-            episode_log.update(run_eval(agent, env, args, run_dir, step))
-            next_eval = step // args.eval_every * args.eval_every + args.eval_every
-            last_eval = step
-        logger.log(step, episode_log)
-        pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{ep_return:.1f}", upd=updates, refresh=False)
-        if step >= next_ckpt:
-            save_checkpoint(run_dir / "checkpoint.pt", agent, opt, replay, step, updates, args)
-            next_ckpt, last_ckpt = step // args.checkpoint_every * args.checkpoint_every + args.checkpoint_every, step
-        obs, _ = env.reset()
-        replay.add(obs, np.zeros(action_dim), 0.0, True, False)
-        act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
-    pbar.close()
-    # ---- end of training: a final evaluation and checkpoint, unless the last episode boundary did them
-    if args.eval_episodes and last_eval != step:
-        logger.log(step, run_eval(agent, env, args, run_dir, step))
-    if last_ckpt != step:
-        save_checkpoint(run_dir / "checkpoint.pt", agent, opt, replay, step, updates, args)
-    logger.close()
-    env.close()
+            done = terminated or truncated
+            if done:  # ---- episode boundary: log and evaluate (evaluation uses this env, so only here)
+                sps = (p.step - start_step) / (time.time() - start_time)
+                row = {"charts/episodic_return": ep_return, "charts/episodic_length": ep_len, "charts/sps": sps,
+                       "charts/updates": p.updates}
+                if p.step >= p.next_log and p.train_metrics:
+                    row.update({k: float(np.mean(v)) for k, v in p.train_metrics.items()})
+                    p.train_metrics, p.next_log = {}, p.next_log + args.log_every
+                if args.eval_episodes and args.eval_every and p.step >= p.next_eval:
+                    row.update(run_eval(agent, env, args, run_dir, p.step))
+                    p.next_eval, p.last_eval = next_mark(p.step, args.eval_every), p.step
+                logger.log(p.step, row)
+                pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{ep_return:.1f}", upd=p.updates, refresh=False)
+            if p.step >= p.next_ckpt or stop.signal:  # after the row of this step: the checkpoint covers it
+                p.next_ckpt = next_mark(p.step, args.checkpoint_every)
+                logger.sync()
+                save()
+                last_ckpt = p.step
+            if stop.signal:
+                break
+            if done:
+                obs, _ = env.reset()
+                replay.add(obs, np.zeros(action_dim), 0.0, True, False)
+                act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
+        if stop.signal:
+            print(f"stopped by {stop.signal} at step {p.step}, checkpoint saved: continue with --resume {run_dir}")
+            return dict(run_dir=str(run_dir), step=p.step, updates=p.updates, stopped=stop.signal)
+        # ---- end of training: a final evaluation and checkpoint, unless this step already has them
+        if args.eval_episodes and p.last_eval != p.step:
+            logger.log(p.step, run_eval(agent, env, args, run_dir, p.step))
+        if last_ckpt != p.step:
+            logger.sync()
+            save()
     print(summarize(run_dir))
-    print(f"done: {step} steps, {updates} updates; run in {run_dir}")
+    print(f"done: {p.step} steps, {p.updates} updates; run in {run_dir}")
     if args.eval_shifts:  # the paper's robustness table for this run: RUN/shift_eval.{json,csv,md}
         from evaluate import evaluate_run  # (a plain `import evaluate` would shadow evaluate() in this function)
 
         evaluate_run(run_dir, episodes=args.eval_episodes or 10, device=args.device)
-    return dict(run_dir=str(run_dir), step=step, updates=updates)
+    return dict(run_dir=str(run_dir), step=p.step, updates=p.updates)
+
+
+def parse_args(argv=None) -> Args:
+    """tyro's parser, with its multi-line error boxes folded into one `error:` line (exit code 2)."""
+    import tyro
+
+    err = io.StringIO()
+    try:
+        with redirect_stderr(err):
+            args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        print(f"error: {one_line(err.getvalue())} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    sys.stderr.write(err.getvalue())  # warnings, if tyro had any
+    return args
+
+
+def one_line(box: str) -> str:
+    """The message of a tyro error box, plus its 'Perhaps you meant' flag. tyro draws either a unicode box with
+    the title in its top border, or (when it thinks the terminal lacks unicode) a title line above a ---- rule."""
+    sections, current = [], []
+    for line in box.splitlines():
+        line = line.strip(" │╭╮╰╯\t")
+        if line.startswith("─") or set(line) == {"-"}:  # a rule, or the top border with the title in it
+            sections.append(current)
+            current = []
+        elif line:
+            current.append(line)
+    sections.append(current)
+    body = [s for s in sections[1:] if s] if sections[0] else [s for s in sections if s]  # drop an ASCII title
+    if not body:
+        return box.strip().replace("\n", " ") or "bad arguments"
+    hint = next((s for s in body[1:] if s[0].startswith("Perhaps you meant") and len(s) > 1), None)
+    return " ".join(body[0]) + (f"; perhaps you meant {hint[1].split()[0]}" if hint else "")
 
 
 def main(argv=None):
-    import tyro
-
-    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    args = parse_args(argv)
     try:
         return train(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: aborted; the newest checkpoint in checkpoints/ is the last complete one", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -792,6 +792,8 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     (["--image-size", "50"], "image-size 50"),
     (["--pvm", "dinov2", "--finetune-blocks", "9"], "finetune-blocks 9"),
     (["--device", "cuda:0"], "cuda"),
+    (["--pvm", "foo"], "'--pvm'"),  # tyro's own errors, folded into one line
+    (["--checkpoint-evry", "5"], "perhaps you meant --checkpoint-every"),
 ])
 def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
     if "cuda" in needle and torch.cuda.is_available():
@@ -900,15 +902,14 @@ def test_evaluate_bad_input_is_one_line(tiny_run, flags, needle):
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
 
 
-def test_checkpoint_lookup_prefers_the_newest_in_checkpoints_dir(tmp_path):
-    (tmp_path / "checkpoint.pt").write_bytes(b"x")
-    assert ev.find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
-    (tmp_path / "checkpoints").mkdir()
-    for i, name in enumerate(["ckpt_200.pt", "ckpt_100.pt"]):  # written in this order: ckpt_100 is the newest
-        (tmp_path / "checkpoints" / name).write_bytes(b"x")
-        os.utime(tmp_path / "checkpoints" / name, (1000 + i, 1000 + i))
-    assert ev.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ckpt_100.pt"
-    with pytest.raises(pd.UsageError, match="no checkpoint"):
+def test_checkpoint_lookup_takes_the_newest_intact_one(tmp_path):
+    for step in (100, 200):
+        pd.save_checkpoint(tmp_path, dict(format=pd.CHECKPOINT_FORMAT, step=step), keep=3)
+    newest = tmp_path / "checkpoints" / "ckpt_000000200.pt"
+    assert ev.find_checkpoint(tmp_path) == newest
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated: skipped for the one before
+    assert ev.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ckpt_000000100.pt"
+    with pytest.raises(pd.UsageError, match="no intact checkpoint"):
         ev.find_checkpoint(tmp_path / "missing")
 
 
@@ -990,3 +991,262 @@ def test_probe_bad_input_is_one_line(flags, needle, capsys):
         probe.main([*pvm, "--image-size", "32", "--frames", "1", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+# --- runs that survive: crash-safe checkpoints, resume, pre-emption, NaN stop, one-line errors for bad input ---
+SURVIVE = ["--env", "pointmass", "--size", "tiny", "--image-size", "32", "--batch-size", "2", "--batch-length", "8",
+           "--learning-starts", "20", "--train-ratio", "4", "--eval-episodes", "1", "--eval-every", "50",
+           "--log-every", "10", "--checkpoint-every", "15", "--keep-checkpoints", "2"]
+PVM_TINY = ["--pvm-id", "tiny", "--pvm-random-init", "--pvm-image-size", "32"]
+
+
+def main_in_process(argv, capsys):
+    """pd.main in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    try:
+        pd.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ckpt_steps(run_dir):
+    return [int(p.stem.split("_")[1]) for p in pd.checkpoint_paths(run_dir)]
+
+
+def spawn(run_dir, *flags, env=None):
+    log = open(run_dir.parent / f"{run_dir.name}.{time.time_ns()}.log", "w")
+    cmd = [sys.executable, str(REPO / "pvm_dreamer.py"), *SURVIVE, "--logdir", str(run_dir.parent), *flags]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for(cond, proc, timeout=300.0):  # generous: start-up alone takes minutes on a busy 2-core machine
+    end = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, f"the run exited ({proc.returncode}) before the point to kill it"
+        assert time.time() < end, "timed out waiting for the run"
+        time.sleep(0.02)
+
+
+def test_kill_9_at_random_points_then_resume(tmp_path):
+    """SIGKILL at 6 random points (one during start-up, two inside a checkpoint write, between the write and
+    the rename), resuming each time: the run ends at its last step, the checkpoint chain is short and intact,
+    and the episode rows tile the timeline with no row missing or repeated, in metrics.jsonl and TensorBoard."""
+    import random
+
+    rng, run_dir, total = random.Random(0), tmp_path / "r", 200
+    resumed_from = [0]
+    for i in range(6):
+        slow = i in (2, 4)
+        newest = max(ckpt_steps(run_dir), default=-1)
+        t0 = time.time()
+        proc = spawn(run_dir, "--total-steps", str(total), *(["--resume", str(run_dir)] if i else ["--run-name", "r"]),
+                     env={"PVM_DREAMER_TEST_SLOW_SAVE": "1.0"} if slow else None)
+        if i:
+            resumed_from.append(newest)
+        tmp = run_dir / "checkpoints" / "ckpt.tmp"
+        if i == 1:  # during start-up (imports, model build): nothing may change
+            time.sleep(rng.uniform(0.2, 1.5))
+        elif slow:  # inside save_checkpoint, after the tmp file is written and before its rename
+            wait_for(lambda: tmp.exists() and tmp.stat().st_mtime > t0 and max(ckpt_steps(run_dir)) >= 0, proc)
+            time.sleep(rng.uniform(0.1, 0.8))
+        else:  # anywhere in the loop, once this process has written a checkpoint of its own
+            wait_for(lambda: max(ckpt_steps(run_dir), default=-1) > newest, proc)
+            time.sleep(rng.uniform(0.0, 1.0))
+        proc.kill()
+        proc.wait()
+        if slow:
+            assert tmp.exists() and max(ckpt_steps(run_dir)) == newest  # the killed write left only ckpt.tmp
+    resumed_from.append(max(ckpt_steps(run_dir)))
+    print("resumed from steps", resumed_from)
+    proc = spawn(run_dir, "--total-steps", str(total), "--resume", str(run_dir))
+    assert proc.wait(timeout=120) == 0
+
+    steps = ckpt_steps(run_dir)
+    assert steps[-1] == total and len(steps) <= 2 and steps == sorted(set(steps))
+    assert not list(run_dir.glob("checkpoints/*.corrupt"))  # a kill never leaves a bad checkpoint
+    assert len(set(resumed_from)) >= 3  # the kills landed at different steps
+    rows = read_rows(run_dir)
+    episodes = [(r["step"], r["charts/episodic_length"]) for r in rows if "charts/episodic_return" in r]
+    ends = [s for s, _ in episodes]
+    assert ends == sorted(set(ends)) and total - 25 < ends[-1] <= total  # pointmass episodes: 25 steps
+    # Each episode starts where the previous one ended, or at the checkpoint a resumed run started from.
+    for (prev, _), (end, length) in zip([(0, 0), *episodes], episodes):
+        start = end - length
+        assert start == prev or (start in resumed_from and start > prev), (prev, end, length, resumed_from)
+    evals = [r["step"] for r in rows if "eval/return_mean" in r]
+    assert evals == sorted(set(evals)) and evals[-1] == total
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("charts/episodic_return")] == ends
+
+
+def test_corrupt_newest_checkpoint_is_reported_kept_and_skipped(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    code, _, _ = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "r", "--total-steps", "45",
+                                  "--keep-checkpoints", "3"], capsys)
+    assert code == 0 and ckpt_steps(run_dir) == [15, 30, 45]
+    newest, middle = pd.checkpoint_paths(run_dir)[-1], pd.checkpoint_paths(run_dir)[-2]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
+    data = bytearray(middle.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor: torch.load alone would not notice
+    middle.write_bytes(bytes(data))
+    with pytest.raises(pd.CorruptCheckpoint, match="sha256"):
+        pd.read_checkpoint(middle)
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--total-steps", "60", "--resume",
+                                    str(run_dir)], capsys)
+    assert code == 0, err
+    reports = [line for line in err.splitlines() if "is corrupt" in line]
+    assert len(reports) == 2 and all(line.endswith("using ckpt_000000015.pt") for line in reports), reports
+    assert "truncated" in reports[0] and "sha256" in reports[1]
+    assert sorted(p.name for p in run_dir.glob("checkpoints/*.corrupt")) == [middle.name + ".corrupt",
+                                                                               newest.name + ".corrupt"]
+    assert ckpt_steps(run_dir)[-1] == 60
+    rows = [r["step"] for r in read_rows(run_dir) if "charts/episodic_return" in r]
+    assert rows == sorted(set(rows)) and 15 < rows[-1] <= 60
+    # Naming the corrupt file itself is an error, not a silent fallback.
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--resume",
+                                    str(run_dir / "checkpoints" / (newest.name + ".corrupt"))], capsys)
+    assert code == 2 and err.startswith("error:") and "corrupt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_at_the_current_step_and_exits_0_and_a_second_signal_aborts(tmp_path):
+    import signal
+
+    run_dir = tmp_path / "r"
+    proc = spawn(run_dir, "--run-name", "r", "--total-steps", "100000", "--checkpoint-every", "100000")
+    wait_for(lambda: ckpt_steps(run_dir) == [0], proc)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    log = next(tmp_path.glob("r.*.log")).read_text()
+    stopped = int(log.split("stopped by SIGTERM at step ")[1].split(",")[0])
+    assert stopped > 0 and ckpt_steps(run_dir) == [0, stopped]  # mid-episode, off the --checkpoint-every grid
+    assert pd.load_checkpoint(run_dir, pd.Args(env="pointmass", size="tiny", image_size=32))["step"] == stopped
+    # A second signal while the checkpoint is being written aborts at once, leaving the older checkpoints.
+    proc = spawn(run_dir, "--total-steps", "100000", "--resume", str(run_dir),
+                 env={"PVM_DREAMER_TEST_SLOW_SAVE": "120"})
+    tmp = run_dir / "checkpoints" / "ckpt.tmp"
+    time.sleep(3.0)
+    wait_for(lambda: "step/s" in max(tmp_path.glob("r.*.log"), key=os.path.getmtime).read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    wait_for(tmp.exists, proc)
+    t = time.time()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=100) == 130 and time.time() - t < 60  # the save alone would have taken 120 s
+    assert ckpt_steps(run_dir) == [0, stopped]
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path, capsys, monkeypatch):
+    real, calls = pd.train_step, []
+
+    def poisoned(agent, opt, batch):  # the 30th update returns a NaN reconstruction loss
+        metrics = real(agent, opt, batch)
+        calls.append(1)
+        return {**metrics, "wm/loss_rec": float("nan")} if len(calls) == 30 else metrics
+
+    monkeypatch.setattr(pd, "train_step", poisoned)
+    run_dir = tmp_path / "r"
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "r", "--total-steps", "500"],
+                                   capsys)
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 1 and len(line) == 1 and "wm/loss_rec is nan" in line[0] and "(update 30)" in line[0], err
+    stopped = int(line[0].split(" at step ")[1].split()[0])
+    kept = int(line[0].split("checkpoint of step ")[1].split()[0])
+    assert ckpt_steps(run_dir)[-1] == kept < stopped  # nothing new was saved
+    assert pd.read_checkpoint(pd.checkpoint_paths(run_dir)[-1])["updates"] < 30
+    assert all(np.isfinite(v) for r in read_rows(run_dir) for k, v in r.items())  # no NaN reached the logs
+
+
+def test_same_seed_same_losses(tmp_path, capsys):
+    runs = []
+    for name in ("a", "b"):
+        code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", name, "--total-steps", "80",
+                                        "--device", "cpu"], capsys)
+        assert code == 0, err
+        runs.append([{k: v for k, v in r.items() if k != "charts/sps"} for r in read_rows(tmp_path / name)])
+    assert sum("wm/loss" in r for r in runs[0]) >= 3 and runs[0] == runs[1]
+
+
+def test_resume_at_an_episode_end_reproduces_the_uninterrupted_run(tmp_path, capsys):
+    """Stopping at step 50 (a pointmass episode ends there) and resuming must change nothing: this checks
+    that the checkpoint holds every piece of state (networks, optimisers, return normaliser, replay and its
+    RNG, the global and env RNGs, the fraction of an update owed, the losses not yet logged)."""
+    flags = [*SURVIVE, "--logdir", str(tmp_path), "--checkpoint-every", "50", "--keep-checkpoints", "5"]
+    assert main_in_process([*flags, "--run-name", "a", "--total-steps", "100"], capsys)[0] == 0
+    assert main_in_process([*flags, "--run-name", "b", "--total-steps", "50"], capsys)[0] == 0
+    code, _, err = main_in_process([*flags, "--resume", str(tmp_path / "b"), "--total-steps", "100"], capsys)
+    assert code == 0, err
+    rows = [[{k: v for k, v in r.items() if k != "charts/sps"} for r in read_rows(tmp_path / n)] for n in "ab"]
+    assert rows[0] == rows[1] and sum("wm/loss" in r and r["step"] > 50 for r in rows[0]) >= 2
+    a, b = (pd.read_checkpoint(tmp_path / n / "checkpoints" / "ckpt_000000100.pt") for n in "ab")
+    assert a["updates"] == b["updates"] > 0
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), k
+
+
+def test_tyro_error_boxes_fold_into_one_line():
+    want = "invalid choice 'foo' for argument '--pvm'. Expected one of ('none', 'dinov2', 'clip')."
+    unicode_box = ("╭─ Invalid choice ───────────────╮\n│ invalid choice 'foo' for argument '--pvm'. Expected one of ('none', │\n"
+                   "│ 'dinov2', 'clip').   │\n│ ──────────── │\n│ For full helptext, run x --help │\n╰──────────╯\n")
+    ascii_box = (" Invalid choice    \n ---------------- \n  invalid choice 'foo' for argument '--pvm'. Expected one of ('none', \n"
+                 "  'dinov2', 'clip').  \n  ---------------\n  For full helptext, run\n  x --help  \n")
+    assert pd.one_line(unicode_box) == pd.one_line(ascii_box) == want
+    unknown = ("╭─ Unrecognized options ─╮\n│ Unrecognized options: --chekpoint-every │\n│ ──── │\n│ Perhaps you meant: │\n"
+               "│     --checkpoint-every INT │\n│         agent steps between checkpoints │\n╰────╯\n")
+    assert pd.one_line(unknown) == "Unrecognized options: --chekpoint-every; perhaps you meant --checkpoint-every"
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory):
+    """A logdir holding a finished run `old` and a directory with a format-1 checkpoint.pt."""
+    log = tmp_path_factory.mktemp("logdir")
+    pd.main([*SURVIVE, "--logdir", str(log), "--run-name", "old", "--total-steps", "30"])
+    (log / "legacy").mkdir()
+    torch.save(dict(format=1, step=5), log / "legacy" / "checkpoint.pt")
+    return log
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("flags,needle,env", [
+    (["--env", "atari"], "atari", {}),
+    (["--pvm", "foo"], "'--pvm'", {}),
+    (["--mode", "half"], "'half'", {}),
+    (["--size", "huge"], "'huge'", {}),
+    (["--seed", "x"], "--seed", {}),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints 0", {}),
+    (["--finetune-blocks", "-1"], "--finetune-blocks -1", {}),
+    (["--pvm", "dinov2", *PVM_TINY, "--finetune-blocks", "9"], "--finetune-blocks 9", {}),
+    (["--image-size", "50"], "--image-size 50", {}),
+    (["--image-size", "8"], "--image-size 8", {}),
+    (["--pvm", "clip", *PVM_TINY, "--pvm-image-size", "36"], "patch size", {}),
+    (["--pvm", "dinov2", "--pvm-id", "facebook/no-such-model"], "not cached", {"HF_HUB_OFFLINE": "1"}),
+    (["--resume", "{log}/old", "--pvm", "clip", *PVM_TINY], "--pvm none", {}),
+    (["--resume", "{log}/legacy"], "format-1", {}),
+    (["--resume", "{log}/nowhere"], "no such run directory", {}),
+    (["--run-name", "old"], "--resume {log}/old", {}),
+    (["--eval-only"], "--resume", {}),
+    (["--env", "metadrive"], "MetaDrive", {}),
+    (["--env", "reacher"], "MUJOCO_GL=nonsense", {"MUJOCO_GL": "nonsense"}),
+    (["--device", "cuda"], "--device cpu", {}),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_runs_untouched(flags, needle, env, old_run, tmp_path, capsys,
+                                                                 monkeypatch):
+    if "--device" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for k, v in {"HF_HOME": str(tmp_path), **env}.items():
+        monkeypatch.setenv(k, v)
+    before = tree(old_run)
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(old_run), *(f.format(log=old_run) for f in flags)],
+                                   capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert needle.format(log=old_run) in lines[0], lines[0]
+    assert tree(old_run) == before
