@@ -795,3 +795,96 @@ def test_help_documents_every_flag():
                          text=True, timeout=120).stdout
     for name in pd.Args.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in out, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speed: the frozen-feature cache (bench.py and sweep.py are tested below it)
+# ---------------------------------------------------------------------------------------------------------
+def cached_batch(enc, batch):
+    """The batch as the replay serves it with --feature-cache: plus the frozen prefix's output in fp16."""
+    B, T = batch["image"].shape[:2]
+    with torch.no_grad():
+        feat = enc.prefix(batch["image"].flatten(0, 1)).half()
+    return {**batch, "feat": feat.reshape(B, T, *feat.shape[1:])}
+
+
+def wm_losses_and_grads(agent, batch):
+    torch.manual_seed(1)  # the same latent samples in both runs
+    agent.zero_grad(set_to_none=True)
+    losses, _ = agent.wm.loss(batch)
+    sum(v.mean() for v in losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in agent.wm.named_parameters() if p.requires_grad and p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize("pvm", ["dinov2", "clip"])
+@pytest.mark.parametrize("mode", ["frozen", "partial"])
+def test_feature_cache_gives_the_same_losses_and_gradients(pvm, mode):
+    _, agent = tiny_pvm(pvm, mode, k=2)
+    batch = fake_batch()
+    ref_losses, ref_grads = wm_losses_and_grads(agent, batch)
+    losses, grads = wm_losses_and_grads(agent, cached_batch(agent.wm.encoder, batch))
+    for k in ref_losses:
+        torch.testing.assert_close(losses[k], ref_losses[k], rtol=2e-3, atol=2e-3, msg=k)
+    # Every trainable parameter (projection head and, in partial mode, the last blocks) gets the same gradient.
+    assert grads.keys() == ref_grads.keys() and any("encoder.proj" in n for n in grads)
+    assert any(".layer" in n or "layers" in n for n in grads) == (mode == "partial")
+    for n in grads:  # atol 1e-6: attention key biases get a gradient of exactly 0 in theory, ~1e-11 in fp32
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=2e-2, atol=1e-3 * ref_grads[n].abs().max().item() + 1e-6, msg=n)
+
+
+def count_backbone_calls(enc) -> list:
+    calls = []
+    for m in [enc.backbone.embeddings if enc.pvm == "dinov2" else enc.backbone.vision_model.embeddings, *enc.blocks]:
+        m.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_frozen_cache_never_runs_the_backbone_in_an_update():
+    args, agent = tiny_pvm("dinov2", "frozen")
+    opt = pd.make_optimizers(agent, args)
+    batch = fake_batch()
+    cached = cached_batch(agent.wm.encoder, batch)
+    calls = count_backbone_calls(agent.wm.encoder)
+    proj_before = [p.detach().clone() for p in agent.wm.encoder.proj.parameters()]
+    pd.train_step(agent, opt, cached)
+    assert not calls  # not a single embedding or block forward
+    assert any(not torch.equal(a, b) for a, b in zip(proj_before, agent.wm.encoder.proj.parameters()))  # head trains
+    pd.train_step(agent, opt, batch)
+    assert len(calls) == 1 + len(agent.wm.encoder.blocks)  # the hooks do count: without the cache it runs
+
+
+def test_feature_cache_replay_checkpoint_budget_and_acting(capsys):
+    args, agent = tiny_pvm("dinov2", "partial")
+    enc = agent.wm.encoder
+    shape = pd.feature_cache_shape(enc, args)
+    assert shape == (1 + 16, 32) == enc.prefix_shape()  # CLS + 4x4 patches of the 32-wide tiny ViT
+    assert pd.feature_cache_shape(enc, tiny_args(pvm="dinov2", mode="partial", feature_cache=False)) is None
+    assert pd.feature_cache_shape(pd.CNNEncoder(32, 4), tiny_args()) is None
+    assert "FEATURE CACHE OFF" not in capsys.readouterr().out
+    big = tiny_args(pvm="dinov2", mode="partial", replay_size=10**6, feature_cache_gb=0.5)  # 1.09 GB > 0.5
+    assert pd.feature_cache_shape(enc, big) is None and "FEATURE CACHE OFF" in capsys.readouterr().out
+    rb = pd.Replay(20, (32, 32, 3), 2, seed=0, feat_shape=shape)
+    frames = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8).numpy()
+    state = pd.initial_state(agent)
+    for t, obs in enumerate(frames):
+        prefix = pd.add_frame(rb, agent, obs, np.zeros(2), 0.0, t == 0, False)
+        # Acting on the cached prefix is acting on the frame (torch.manual_seed: the same latent sample).
+        torch.manual_seed(t)
+        a1, _ = pd.act(agent, obs, state, t == 0, explore=False, prefix=prefix)
+        torch.manual_seed(t)
+        a2, state = pd.act(agent, obs, state, t == 0, explore=False)
+        np.testing.assert_allclose(a1, a2, atol=1e-5)
+    with torch.no_grad():
+        want = enc.prefix(torch.as_tensor(frames)).half().numpy()
+    np.testing.assert_array_equal(rb.data["feat"][:12], want)
+    assert rb.sample(3, 5)["feat"].shape == (3, 5, *shape)
+    # The checkpointed replay holds the cache; a replay without a cache drops it; the reverse refills it.
+    saved = rb.state_dict()
+    assert "feat" in saved["data"]
+    plain = pd.Replay(20, (32, 32, 3), 2, seed=0)
+    assert plain.load_state_dict(saved) and "feat" not in plain.data
+    cached = pd.Replay(20, (32, 32, 3), 2, seed=0, feat_shape=shape)
+    assert not cached.load_state_dict(plain.state_dict())
+    cached.fill_cache(enc, "cpu", chunk=5)
+    np.testing.assert_array_equal(cached.data["feat"][:12], want)
