@@ -888,3 +888,24 @@ def test_feature_cache_replay_checkpoint_budget_and_acting(capsys):
     assert not cached.load_state_dict(plain.state_dict())
     cached.fill_cache(enc, "cpu", chunk=5)
     np.testing.assert_array_equal(cached.data["feat"][:12], want)
+
+
+def test_bench_quick_prints_one_row_per_configuration():
+    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--only", "cnn,dinov2-frozen,clip-full"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    for col in ("env-steps/s", "updates/s", "s/update", "x CNN", "peak RSS GB"):
+        assert col in head, head
+    rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+    # cnn, dinov2-frozen with and without the feature cache, clip-full (no cache in full mode)
+    assert [(r["encoder"], r["feature cache"]) for r in rows] == [
+        ("cnn", "-"), ("dinov2-frozen", "on"), ("dinov2-frozen", "off"), ("clip-full", "-")]
+    for r in rows:
+        assert float(r["s/update"]) > 0 and float(r["peak RSS GB"]) > 0.05
+        assert float(r["updates/s"]) == pytest.approx(1 / float(r["s/update"]), rel=0.02)
+    assert rows[0]["x CNN"] == "1.0"
+    bad = subprocess.run([sys.executable, str(REPO / "bench.py"), "--only", "vgg"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "vgg" in bad.stderr
