@@ -63,10 +63,10 @@ def run_row(spec: dict) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     collect(args.batch_length, policy=False)  # one window of random prefill, as learning_starts does
     steps = spec["steps_per_update"]
-    t_collect = t_train = 0.0
+    t_collect = t_train = cpu0 = 0.0
     for i in range(spec["warmup"] + spec["updates"]):
         if i == spec["warmup"]:
-            t_collect = t_train = 0.0
+            t_collect, t_train, cpu0 = 0.0, 0.0, time.process_time()
         sync(); t0 = time.perf_counter()
         collect(steps, policy=True)
         sync(); t1 = time.perf_counter()
@@ -74,8 +74,8 @@ def run_row(spec: dict) -> dict:
         sync(); t2 = time.perf_counter()
         t_collect, t_train = t_collect + t1 - t0, t_train + t2 - t1
     env.close()
-    total, n = t_collect + t_train, spec["updates"]
-    return dict(s_update=total / n, updates_s=n / total, env_steps_s=n * steps / total, collect_frac=t_collect / total,
+    total, n, cpu = t_collect + t_train, spec["updates"], time.process_time() - cpu0
+    return dict(s_update=total / n, cpu_s_update=cpu / n, updates_s=n / total, env_steps_s=n * steps / total, collect_frac=t_collect / total,
                 rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
                 cuda_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                 cached="feat" in replay.data)
@@ -125,9 +125,12 @@ def make_specs(o) -> list[dict]:
 
 
 def table(rows: list[tuple[dict, dict]], cuda: bool) -> str:
-    cnn = next((r["s_update"] for s, r in rows if s["name"] == "cnn" and "error" not in r), None)
-    head = ["encoder", "PVM res", "feature cache", "env-steps/s", "updates/s", "s/update", "x CNN", "collect share",
-            "peak RSS GB"] + (["CUDA max alloc GB"] if cuda else [])
+    """On a CPU the ratio to the CNN uses CPU seconds (process time): on a shared machine wall time also counts
+    whatever else ran, CPU time only this row's work. On a GPU it uses wall time."""
+    key = "s_update" if cuda else "cpu_s_update"
+    cnn = next((r[key] for s, r in rows if s["name"] == "cnn" and "error" not in r), None)
+    head = ["encoder", "PVM res", "feature cache", "env-steps/s", "updates/s", "s/update", "CPU s/update",
+            "x CNN", "collect share", "peak RSS GB"] + (["CUDA max alloc GB"] if cuda else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s, r in rows:
         cache = "-" if s["args"]["pvm"] == "none" or s["args"]["mode"] == "full" else (
@@ -136,7 +139,7 @@ def table(rows: list[tuple[dict, dict]], cuda: bool) -> str:
             lines.append(f"| {s['name']} | {s['res'] or '-'} | {cache} | error: {r['error']} |")
             continue
         cells = [s["name"], s["res"] or "-", cache, f"{r['env_steps_s']:.2f}", f"{r['updates_s']:.3f}",
-                 f"{r['s_update']:.3f}", f"{r['s_update'] / cnn:.1f}" if cnn else "-", f"{r['collect_frac']:.0%}",
+                 f"{r['s_update']:.3f}", f"{r['cpu_s_update']:.3f}", f"{r[key] / cnn:.1f}" if cnn else "-", f"{r['collect_frac']:.0%}",
                  f"{r['rss_gb']:.2f}"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
@@ -178,7 +181,7 @@ def main(argv=None):
         rows.append((spec, run_fresh(spec)))
         r = rows[-1][1]
         print(f"  {spec['name']} res={spec['res']} cache={spec['args']['feature_cache']}: "
-              + (r["error"] if "error" in r else f"{r['s_update']:.3f} s/update"), flush=True)
+              + (r["error"] if "error" in r else f"{r['s_update']:.3f} s/update, {r['cpu_s_update']:.3f} CPU s"), flush=True)
     print()
     print(table(rows, cuda))
     if not (o.quick or o.no_nm512):
@@ -188,8 +191,8 @@ def main(argv=None):
         r = run_fresh(nm)
         print("\nour update at the NM512 comparison configuration (CNN, deter 256, 32x32 latents, depth 32, hidden/"
               "units 512, dense GRU, batch 16x64, 64x64, float32): "
-              + (r["error"] if "error" in r else f"{r['s_update']:.2f} s/update (incl. 32 env steps), peak RSS "
-                 f"{r['rss_gb']:.2f} GB") + f"; NM512's dreamerv3-torch: {NM512_MEASURED} (measured earlier on this CPU)")
+              + (r["error"] if "error" in r else f"{r['s_update']:.2f} s/update ({r['cpu_s_update']:.2f} CPU s; "
+                 f"incl. 32 env steps), peak RSS {r['rss_gb']:.2f} GB") + f"; NM512's dreamerv3-torch: {NM512_MEASURED} (measured earlier on this CPU)")
     return rows
 
 

@@ -896,16 +896,56 @@ def test_bench_quick_prints_one_row_per_configuration():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
-    for col in ("env-steps/s", "updates/s", "s/update", "x CNN", "peak RSS GB"):
+    for col in ("env-steps/s", "updates/s", "s/update", "CPU s/update", "x CNN", "peak RSS GB"):
         assert col in head, head
     rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
     # cnn, dinov2-frozen with and without the feature cache, clip-full (no cache in full mode)
     assert [(r["encoder"], r["feature cache"]) for r in rows] == [
         ("cnn", "-"), ("dinov2-frozen", "on"), ("dinov2-frozen", "off"), ("clip-full", "-")]
     for r in rows:
-        assert float(r["s/update"]) > 0 and float(r["peak RSS GB"]) > 0.05
+        assert float(r["s/update"]) > 0 and float(r["CPU s/update"]) > 0 and float(r["peak RSS GB"]) > 0.05
         assert float(r["updates/s"]) == pytest.approx(1 / float(r["s/update"]), rel=0.02)
     assert rows[0]["x CNN"] == "1.0"
     bad = subprocess.run([sys.executable, str(REPO / "bench.py"), "--only", "vgg"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "vgg" in bad.stderr
+
+
+SWEEP_RUN = ["--size", "tiny", "--image-size", "32", "--pvm-image-size", "32", "--pvm-id", "tiny", "--pvm-random-init",
+             "--total-steps", "50", "--learning-starts", "40", "--train-ratio", "8", "--batch-size", "2",
+             "--batch-length", "4", "--eval-episodes", "0", "--checkpoint-every", "25"]  # one 50-step episode
+
+
+def test_sweep_runs_a_grid_on_ray_and_a_relaunch_does_no_work_twice(tmp_path):
+    pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-sweep.txt); sweep.py needs it")
+    import sweep
+
+    cmd = [sys.executable, str(REPO / "sweep.py"), "--pvm", "none,dinov2", "--mode", "frozen", "--env", "pointmass",
+           "--seeds", "1,2", "--logdir", str(tmp_path), "--num-cpus", "2", "--", *SWEEP_RUN]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    names = sorted(f"pointmass__{e}__s{s}" for e in ("cnn", "dinov2-frozen") for s in (1, 2))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and "__" in p.name) == names
+    assert "finished 4/4, running 0, queued 0, failed 0" in proc.stdout
+    for name in names:
+        run = tmp_path / name
+        assert (run / sweep.DONE).exists()
+        pvm, mode = ("none", "partial") if "cnn" in name else ("dinov2", "frozen")  # the CNN run keeps the default
+        args = pd.Args(env="pointmass", pvm=pvm, mode=mode, seed=int(name[-1]), **TINY)
+        assert pd.load_checkpoint(sweep.find_checkpoint(run), args)["step"] == 50  # the final checkpoint
+    snapshot = lambda: {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
+    # Re-launch after "a crash" of one run (its done-marker gone): only that one runs, resumed from its checkpoint.
+    (tmp_path / names[0] / sweep.DONE).unlink()
+    before = snapshot()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "3 already finished, 1 to run" in proc.stdout
+    changed = {p.relative_to(tmp_path).parts[0] for p, t in snapshot().items() if before.get(p) != t}
+    assert changed <= {names[0], "logs"}  # no other run directory was touched
+    log = (tmp_path / "logs" / f"{names[0]}.log").read_text()
+    assert log.count("[sweep ") == 2 and f"--resume {tmp_path / names[0]}" in log
+    for other in names[1:]:
+        assert (tmp_path / "logs" / f"{other}.log").read_text().count("[sweep ") == 1
+    # A third launch has nothing to do and starts no Ray instance.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "4 already finished, 0 to run" in proc.stdout
