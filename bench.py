@@ -124,25 +124,23 @@ def make_specs(o) -> list[dict]:
     return specs
 
 
-def table(rows: list[tuple[dict, dict]], cuda: bool) -> str:
+def table_head(cuda: bool) -> str:
+    head = ["encoder", "PVM res", "feature cache", "env-steps/s", "updates/s", "s/update", "CPU s/update",
+            "x CNN", "collect share", "peak RSS GB"] + (["CUDA max alloc GB"] if cuda else [])
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
+
+
+def table_row(s: dict, r: dict, cnn: dict | None, cuda: bool) -> str:
     """On a CPU the ratio to the CNN uses CPU seconds (process time): on a shared machine wall time also counts
     whatever else ran, CPU time only this row's work. On a GPU it uses wall time."""
     key = "s_update" if cuda else "cpu_s_update"
-    cnn = next((r[key] for s, r in rows if s["name"] == "cnn" and "error" not in r), None)
-    head = ["encoder", "PVM res", "feature cache", "env-steps/s", "updates/s", "s/update", "CPU s/update",
-            "x CNN", "collect share", "peak RSS GB"] + (["CUDA max alloc GB"] if cuda else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s, r in rows:
-        cache = "-" if s["args"]["pvm"] == "none" or s["args"]["mode"] == "full" else (
-            "on" if r.get("cached") else "off")
-        if "error" in r:
-            lines.append(f"| {s['name']} | {s['res'] or '-'} | {cache} | error: {r['error']} |")
-            continue
-        cells = [s["name"], s["res"] or "-", cache, f"{r['env_steps_s']:.2f}", f"{r['updates_s']:.3f}",
-                 f"{r['s_update']:.3f}", f"{r['cpu_s_update']:.3f}", f"{r[key] / cnn:.1f}" if cnn else "-", f"{r['collect_frac']:.0%}",
-                 f"{r['rss_gb']:.2f}"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+    cache = "-" if s["args"]["pvm"] == "none" or s["args"]["mode"] == "full" else ("on" if r.get("cached") else "off")
+    if "error" in r:
+        return f"| {s['name']} | {s['res'] or '-'} | {cache} | error: {r['error']} |"
+    cells = [s["name"], s["res"] or "-", cache, f"{r['env_steps_s']:.2f}", f"{r['updates_s']:.3f}",
+             f"{r['s_update']:.3f}", f"{r['cpu_s_update']:.3f}", f"{r[key] / cnn[key]:.1f}" if cnn else "-",
+             f"{r['collect_frac']:.0%}", f"{r['rss_gb']:.2f}"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
+    return "| " + " | ".join(map(str, cells)) + " |"
 
 
 def main(argv=None):
@@ -176,14 +174,13 @@ def main(argv=None):
           f"({specs[0]['steps_per_update']} env steps/update), warm-up {o.warmup} + {o.updates} timed, "
           f"env {o.env} {specs[0]['args']['image_size']}px, size {specs[0]['args']['size']}, device {o.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; PVMs RANDOM-INIT", flush=True)
-    rows = []
-    for spec in specs:
+    print("\n" + table_head(cuda), flush=True)
+    rows, cnn = [], None
+    for spec in specs:  # each row is printed as soon as it is measured
         rows.append((spec, run_fresh(spec)))
-        r = rows[-1][1]
-        print(f"  {spec['name']} res={spec['res']} cache={spec['args']['feature_cache']}: "
-              + (r["error"] if "error" in r else f"{r['s_update']:.3f} s/update, {r['cpu_s_update']:.3f} CPU s"), flush=True)
-    print()
-    print(table(rows, cuda))
+        if spec["name"] == "cnn" and "error" not in rows[-1][1]:
+            cnn = rows[-1][1]
+        print(table_row(*rows[-1], cnn, cuda), flush=True)
     if not (o.quick or o.no_nm512):
         nm = dict(name="nm512", res=None, warmup=1, updates=o.updates, steps_per_update=32,
                   args=dict(env=o.env, image_size=64, size="nm512", batch_size=16, batch_length=64, train_ratio=32.0,

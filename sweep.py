@@ -120,7 +120,10 @@ def main(argv=None):
     p.add_argument("--eval-episodes", type=int, default=10, help="episodes per shift condition for evaluate.py")
     p.add_argument("--python", default=sys.executable, help="interpreter of the runs (the same path on every node)")
     o = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    for key, allowed in (("pvm", {"none", "dinov2", "clip"}), ("mode", {"frozen", "partial", "full"})):
+    import envs  # no torch: cheap
+
+    for key, allowed in (("pvm", {"none", "dinov2", "clip"}), ("mode", {"frozen", "partial", "full"}),
+                         ("env", set(envs.ENV_NAMES))):
         bad = set(getattr(o, key).split(",")) - allowed
         if bad:
             fail(f"--{key} {','.join(sorted(bad))} unknown; choose from {','.join(sorted(allowed))}")

@@ -922,7 +922,7 @@ def test_sweep_runs_a_grid_on_ray_and_a_relaunch_does_no_work_twice(tmp_path):
 
     cmd = [sys.executable, str(REPO / "sweep.py"), "--pvm", "none,dinov2", "--mode", "frozen", "--env", "pointmass",
            "--seeds", "1,2", "--logdir", str(tmp_path), "--num-cpus", "2", "--", *SWEEP_RUN]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     names = sorted(f"pointmass__{e}__s{s}" for e in ("cnn", "dinov2-frozen") for s in (1, 2))
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and "__" in p.name) == names
@@ -937,7 +937,7 @@ def test_sweep_runs_a_grid_on_ray_and_a_relaunch_does_no_work_twice(tmp_path):
     # Re-launch after "a crash" of one run (its done-marker gone): only that one runs, resumed from its checkpoint.
     (tmp_path / names[0] / sweep.DONE).unlink()
     before = snapshot()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "3 already finished, 1 to run" in proc.stdout
     changed = {p.relative_to(tmp_path).parts[0] for p, t in snapshot().items() if before.get(p) != t}
