@@ -12,6 +12,8 @@ weights (--pvm-random-init): speed and memory do not depend on the weights. Rows
 --no-feature-cache, so the cache's gain is visible.
 Memory: each row runs in its own process, forked from this one after the imports and before anything is
 built, so its peak RSS (ru_maxrss) is that row's alone on top of the same imported libraries.
+Time: wall clock (env-steps/s, updates/s, s/update) and the row process's CPU time (user+sys, all threads). On
+a shared CPU the wall clock also counts everyone else's work, so "x CNN" is computed from CPU time there.
 """
 from __future__ import annotations
 
