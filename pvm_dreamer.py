@@ -100,6 +100,11 @@ class Args:
     """side of the square image the PVM sees (frames are resized to it with the PVM's own preprocessing)"""
     pvm_token_dim: int = 16
     """DINOv2 only: width each patch token is projected to before flattening (see PVMEncoder)"""
+    feature_cache: bool = True
+    """frozen/partial: run the frozen part of the PVM once per frame, when it enters replay, and train on its
+    stored (fp16) output instead of re-encoding every replayed frame ~train-ratio times (same maths)"""
+    feature_cache_gb: float = 4.0
+    """memory budget of the feature cache (replay-size x bytes per frame); above it the cache is switched off"""
 
     # --- environment and model size
     image_size: int = 64  # differs from paper: 224, too slow for a CPU
@@ -267,9 +272,11 @@ class Replay:
     received on arriving at obs[t], is_first (obs[t] came from reset) and is_terminal (the episode ended in
     obs[t]; a time-limit truncation is not terminal). Windows may cross episode boundaries: the RSSM resets
     its state wherever is_first is set, and every window starts with is_first=True because we do not replay
-    latent states (latest [D3] does; the replay-context trick is left out)."""
+    latent states (latest [D3] does; the replay-context trick is left out).
+    With `feat_shape`, row t also holds `feat`: the frozen PVM prefix's output for obs[t] (fp16, see
+    `feature_cache_shape`), so training never runs the frozen part of the PVM twice on the same frame."""
 
-    def __init__(self, capacity: int, image_shape, action_dim: int, seed: int):
+    def __init__(self, capacity: int, image_shape, action_dim: int, seed: int, feat_shape=None):
         self.capacity, self.idx, self.full = capacity, 0, False
         self.data = dict(
             image=np.zeros((capacity, *image_shape), np.uint8),
@@ -278,13 +285,16 @@ class Replay:
             is_first=np.zeros(capacity, bool),
             is_terminal=np.zeros(capacity, bool),
         )
+        if feat_shape is not None:
+            self.data["feat"] = np.zeros((capacity, *feat_shape), np.float16)
         self.rng = np.random.default_rng(seed)
 
     def __len__(self):
         return self.capacity if self.full else self.idx
 
-    def add(self, image, action, reward, is_first, is_terminal):
-        for key, value in zip(self.data, (image, action, reward, is_first, is_terminal)):
+    def add(self, image, action, reward, is_first, is_terminal, feat=None):
+        assert (feat is None) == ("feat" not in self.data), "pass feat exactly when the replay caches features"
+        for key, value in zip(self.data, (image, action, reward, is_first, is_terminal, feat)):
             self.data[key][self.idx] = value
         self.idx = (self.idx + 1) % self.capacity
         self.full = self.full or self.idx == 0
@@ -304,12 +314,22 @@ class Replay:
         return dict(idx=self.idx, full=self.full, rng=self.rng.bit_generator.state,
                     data={k: v[:n].copy() for k, v in self.data.items()})
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state) -> bool:
+        """Returns False when this replay caches features but the checkpoint's replay did not (refill them)."""
         n = len(state["data"]["reward"])
         for k, v in state["data"].items():
-            self.data[k][:n] = v
+            if k in self.data:  # a cache saved by a run with --feature-cache is dropped without it
+                self.data[k][:n] = v
         self.idx, self.full = state["idx"], state["full"]
         self.rng.bit_generator.state = state["rng"]
+        return "feat" not in self.data or "feat" in state["data"]
+
+    @torch.no_grad()
+    def fill_cache(self, encoder, device, chunk: int = 64):
+        """Compute the feature cache of every stored frame (resuming a run saved without the cache)."""
+        for i in range(0, len(self), chunk):
+            frames = torch.as_tensor(self.data["image"][i:i + chunk], device=device)
+            self.data["feat"][i:i + chunk] = encoder.prefix(frames).half().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -533,26 +553,60 @@ class PVMEncoder(nn.Module):
             x = blk(x) if self.pvm == "dinov2" else blk(x, None, None)[0]
         return x
 
-    def features(self, obs: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, h, w, 3) -> DINOv2 patch tokens (N, P, W) or CLIP pooled output (N, W)."""
+    @property
+    def trained_blocks(self) -> int:
+        return {"frozen": 0, "partial": self.k, "full": len(self.blocks)}[self.mode]
+
+    def prefix(self, obs: torch.Tensor) -> torch.Tensor:
+        """The part of the ViT that does not train, uint8 (N, h, w, 3) -> hidden tokens (N, 1+P, W) after the
+        first L-k blocks (partial), or the final features (frozen, see `suffix`). Full mode has no frozen part:
+        this is then just the (trained) embeddings."""
         x = self.preprocess(obs)  # (N, 3, R, R)
-        depth, k = len(self.blocks), {"frozen": 0, "partial": self.k, "full": len(self.blocks)}[self.mode]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "full"):  # the frozen prefix
+        depth, k = len(self.blocks), self.trained_blocks
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "full"):
             if self.pvm == "dinov2":
                 h = self.backbone.embeddings(x)
             else:
                 vm = self.backbone.vision_model
                 h = vm.pre_layrnorm(vm.embeddings(x, interpolate_pos_encoding=self.image_size != vm.config.image_size))
             h = self._run(h, self.blocks[:depth - k])  # (N, 1+P, W)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode != "frozen"):  # the trained suffix
-            h = self._run(h, self.blocks[depth - k:])
-            if self.pvm == "dinov2":
-                return self.final_norm(h)[:, self.skip:]  # (N, P, W)
-            return self.final_norm(h[:, 0])  # (N, W)
+            return self._head(h) if k == 0 else h
+
+    def suffix(self, h: torch.Tensor) -> torch.Tensor:
+        """The trained part: the last k blocks and the final norm; identity when frozen."""
+        k = self.trained_blocks
+        if k == 0:
+            return h
+        return self._head(self._run(h, self.blocks[len(self.blocks) - k:]))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.pvm == "dinov2":
+            return self.final_norm(h)[:, self.skip:]  # (N, P, W)
+        return self.final_norm(h[:, 0])  # (N, W)
+
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, h, w, 3) -> DINOv2 patch tokens (N, P, W) or CLIP pooled output (N, W)."""
+        return self.suffix(self.prefix(obs))
+
+    def prefix_shape(self) -> tuple[int, ...]:
+        """Per-frame shape of `prefix`'s output: what the feature cache stores."""
+        cfg, width = self.backbone.config, self.backbone.config.hidden_size
+        patches = (self.image_size // cfg.patch_size) ** 2
+        if self.trained_blocks == 0:
+            return (patches, width) if self.pvm == "dinov2" else (width,)
+        return ((self.skip if self.pvm == "dinov2" else 1) + patches, width)
+
+    def embed(self, feats: torch.Tensor) -> torch.Tensor:  # (N, P, W) | (N, W) -> (N, E)
+        return self.out(self.proj(feats))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         feats = self.features(obs.reshape(-1, *obs.shape[-3:]))
-        return self.out(self.proj(feats)).reshape(*obs.shape[:-3], self.out_dim)  # (..., E)
+        return self.embed(feats).reshape(*obs.shape[:-3], self.out_dim)  # (..., E)
+
+    def from_prefix(self, cached: torch.Tensor, lead: tuple) -> torch.Tensor:
+        """Embeddings from cached prefix outputs (fp16, (*lead, ...)): the frozen part is not run again."""
+        h = cached.reshape(-1, *cached.shape[len(lead):]).float()  # (N, ...) fp32 for the trained part
+        return self.embed(self.suffix(h)).reshape(*lead, self.out_dim)  # (..., E)
 
 
 def make_encoder(args: Args) -> nn.Module:
@@ -564,6 +618,26 @@ def make_encoder(args: Args) -> nn.Module:
     # E equals the CNN's output width at this size, so both encoders feed the posterior equally wide inputs.
     return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size,
                       cnn_embed_dim(args.image_size, depth), args.pvm_token_dim)
+
+
+def feature_cache_shape(encoder: nn.Module, args: Args) -> tuple | None:
+    """Per-frame shape of the replay's feature cache (--feature-cache), or None for no cache.
+    Why: a frozen prefix gives the same output for a frame every time, and each frame is replayed ~train_ratio
+    (32) times, so running it once when the frame enters replay removes ~97% of the PVM's training FLOPs.
+    Cost in fp16 (x1e6 for a million frames), vs 12 KB for a 64x64 uint8 frame:
+      DINOv2-S @224: frozen 256x384 patch tokens = 197 KB (197 GB/M); partial 257x384 tokens = 197 KB (197 GB/M)
+      CLIP B/32 @224: frozen 768 = 1.5 KB (1.5 GB/M);                partial 50x768 tokens = 77 KB (77 GB/M)
+    so the cache is switched off (loudly) when --replay-size frames would exceed --feature-cache-gb."""
+    if not (args.feature_cache and isinstance(encoder, PVMEncoder) and encoder.mode != "full"):
+        return None
+    shape = encoder.prefix_shape()
+    need_gb = args.replay_size * 2 * int(np.prod(shape)) / 1e9
+    if need_gb > args.feature_cache_gb:
+        print(f"WARNING: FEATURE CACHE OFF: {args.replay_size} frames x {2 * int(np.prod(shape)) / 1e3:.1f} KB "
+              f"({'x'.join(map(str, shape))} fp16) = {need_gb:.1f} GB > --feature-cache-gb {args.feature_cache_gb}; "
+              "the frozen PVM part is recomputed for every replayed frame (raise the budget or lower --replay-size)")
+        return None
+    return tuple(shape)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -701,7 +775,10 @@ class WorldModel(nn.Module):
     def loss(self, batch: dict) -> tuple[dict, tuple]:
         """Losses as a dict of (B, T) tensors, and the posterior states that start imagination."""
         image = batch["image"]  # (B, T, h, w, 3) uint8
-        embed = self.encoder(image)  # (B, T, E)
+        if "feat" in batch:  # the frozen PVM prefix's cached output (see Replay): only the trained part runs
+            embed = self.encoder.from_prefix(batch["feat"], image.shape[:2])  # (B, T, E)
+        else:
+            embed = self.encoder(image)  # (B, T, E)
         deter, stoch, post = self.rssm.observe(embed, batch["action"], batch["is_first"])
         prior = self.rssm.prior(deter)  # (B, T, S, C)
         feat = torch.cat([deter, stoch], -1)  # (B, T, F)
@@ -879,16 +956,32 @@ def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
 # Acting and evaluation
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def act(agent: Dreamer, obs: np.ndarray, state, is_first: bool, explore: bool):
-    """Filter one frame into the latent state and pick an action. state = (deter, stoch, prevact)."""
+def act(agent: Dreamer, obs: np.ndarray, state, is_first: bool, explore: bool, prefix=None):
+    """Filter one frame into the latent state and pick an action. state = (deter, stoch, prevact).
+    prefix: the frame's frozen-PVM-prefix output, already computed for the feature cache (see add_frame)."""
     device = agent.wm.bins.device
     deter, stoch, prev_action = state
-    embed = agent.wm.encoder(torch.as_tensor(obs, device=device)[None])  # (1, E)
+    if prefix is not None:
+        embed = agent.wm.encoder.from_prefix(prefix, (1,))  # (1, E)
+    else:
+        embed = agent.wm.encoder(torch.as_tensor(obs, device=device)[None])  # (1, E)
     first = torch.tensor([is_first], device=device)
     deter, stoch, _ = agent.wm.rssm.obs_step(deter, stoch, prev_action, agent.wm.rssm.post_embed(embed), first)
     dist = actor_dist(agent.actor(torch.cat([deter, stoch], -1)))
     action = (dist.sample() if explore else dist.mean).clamp(-1, 1)  # (1, A)
     return action[0].cpu().numpy(), (deter, stoch, action)
+
+
+@torch.no_grad()
+def add_frame(replay: Replay, agent: Dreamer, obs, action, reward, is_first, is_terminal):
+    """replay.add, plus the frame's feature-cache entry when the replay has a cache. Returns that entry (fp32,
+    (1, ...)) or None: the frozen prefix never changes, so acting on this frame next reuses it (in fp32; only
+    the replay's copy is rounded to fp16)."""
+    prefix = None
+    if "feat" in replay.data:
+        prefix = agent.wm.encoder.prefix(torch.as_tensor(obs, device=agent.wm.bins.device)[None])  # (1, ...)
+    replay.add(obs, action, reward, is_first, is_terminal, None if prefix is None else prefix[0].half().cpu().numpy())
+    return prefix
 
 
 def initial_state(agent: Dreamer):
@@ -1203,12 +1296,12 @@ def open_run(args: Args) -> tuple[Path, dict | None]:
     return run_dir, None
 
 
-def restore(state: dict, agent, opt, replay, env) -> Progress:
+def restore(state: dict, agent, opt, replay, env, device) -> Progress:
     agent.load_state_dict(state["agent"])
     for k, o in opt.items():
         o.load_state_dict(state["opt"][k])
-    if state["replay"] is not None:
-        replay.load_state_dict(state["replay"])
+    if state["replay"] is not None and not replay.load_state_dict(state["replay"]):
+        replay.fill_cache(agent.wm.encoder, device)  # saved without --feature-cache: compute it once
     rng = state["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -1335,8 +1428,9 @@ def train(args: Args):
     action_dim = env.action_space.shape[0]
     agent = Dreamer(encoder, action_dim, args).to(device)
     opt = make_optimizers(agent, args)
-    replay = Replay(args.replay_size, env.observation_space.shape, action_dim, args.seed)
-    p = restore(state, agent, opt, replay, env) if state else Progress(
+    replay = Replay(args.replay_size, env.observation_space.shape, action_dim, args.seed,
+                    feature_cache_shape(agent.wm.encoder, args))
+    p = restore(state, agent, opt, replay, env, device) if state else Progress(
         next_log=args.log_every, next_eval=args.eval_every or args.total_steps, next_ckpt=args.checkpoint_every)
     print(encoder_summary(agent, args))
     if args.pvm != "none" and args.pvm_random_init:
@@ -1359,7 +1453,7 @@ def train(args: Args):
     # mark or on SIGTERM): the simulator's state is not saved, and is_first tells the world model of the cut.
     # The env's RNG is, so from a checkpoint at an episode's end the resumed run IS the uninterrupted one.
     obs, _ = env.reset(seed=None if state else args.seed)
-    replay.add(obs, np.zeros(action_dim), 0.0, True, False)
+    prefix = add_frame(replay, agent, obs, np.zeros(action_dim), 0.0, True, False)
     act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
     start_time, start_step = time.time(), p.step
     pbar = tqdm(total=args.total_steps, initial=p.step, unit="step", mininterval=2.0, dynamic_ncols=True)
@@ -1368,10 +1462,10 @@ def train(args: Args):
             if p.step < args.learning_starts:
                 action = env.action_space.sample()
             else:
-                action, act_state = act(agent, obs, act_state, is_first, explore=True)
+                action, act_state = act(agent, obs, act_state, is_first, explore=True, prefix=prefix)
             obs, reward, terminated, truncated, _ = env.step(action)
             p.step, is_first, ep_return, ep_len = p.step + 1, False, ep_return + float(reward), ep_len + 1
-            replay.add(obs, action, reward, False, terminated)
+            prefix = add_frame(replay, agent, obs, action, reward, False, terminated)
             pbar.update(1)
 
             if p.step >= args.learning_starts and len(replay) >= args.batch_length:
@@ -1405,7 +1499,7 @@ def train(args: Args):
                 break
             if done:
                 obs, _ = env.reset()
-                replay.add(obs, np.zeros(action_dim), 0.0, True, False)
+                prefix = add_frame(replay, agent, obs, np.zeros(action_dim), 0.0, True, False)
                 act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
         if stop.signal:
             print(f"stopped by {stop.signal} at step {p.step}, checkpoint saved: continue with --resume {run_dir}")

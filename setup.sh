@@ -24,4 +24,6 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # On a machine with a GPU, install your CUDA build of torch into .venv first; pip keeps it if it matches.
 .venv/bin/python -m pip install -q -r requirements.txt
+# Ray, for sweep.py only (the agent never imports it); ~25 s more here, so the sweep test runs in CI too.
+.venv/bin/python -m pip install -q -r requirements-sweep.txt
 .venv/bin/python -c "import torch, mujoco, transformers, gymnasium; print('pvm-dreamer ready: torch', torch.__version__)"

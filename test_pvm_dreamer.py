@@ -1250,3 +1250,156 @@ def test_bad_input_is_one_line_exit_2_and_leaves_runs_untouched(flags, needle, e
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
     assert needle.format(log=old_run) in lines[0], lines[0]
     assert tree(old_run) == before
+
+
+# Speed: the frozen-feature cache (bench.py and sweep.py are tested below it)
+# ---------------------------------------------------------------------------------------------------------
+def cached_batch(enc, batch):
+    """The batch as the replay serves it with --feature-cache: plus the frozen prefix's output in fp16."""
+    B, T = batch["image"].shape[:2]
+    with torch.no_grad():
+        feat = enc.prefix(batch["image"].flatten(0, 1)).half()
+    return {**batch, "feat": feat.reshape(B, T, *feat.shape[1:])}
+
+
+def wm_losses_and_grads(agent, batch):
+    torch.manual_seed(1)  # the same latent samples in both runs
+    agent.zero_grad(set_to_none=True)
+    losses, _ = agent.wm.loss(batch)
+    sum(v.mean() for v in losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in agent.wm.named_parameters() if p.requires_grad and p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize("pvm", ["dinov2", "clip"])
+@pytest.mark.parametrize("mode", ["frozen", "partial"])
+def test_feature_cache_gives_the_same_losses_and_gradients(pvm, mode):
+    _, agent = tiny_pvm(pvm, mode, k=2)
+    batch = fake_batch()
+    ref_losses, ref_grads = wm_losses_and_grads(agent, batch)
+    losses, grads = wm_losses_and_grads(agent, cached_batch(agent.wm.encoder, batch))
+    for k in ref_losses:
+        torch.testing.assert_close(losses[k], ref_losses[k], rtol=2e-3, atol=2e-3, msg=k)
+    # Every trainable parameter (projection head and, in partial mode, the last blocks) gets the same gradient.
+    assert grads.keys() == ref_grads.keys() and any("encoder.proj" in n for n in grads)
+    assert any(".layer" in n or "layers" in n for n in grads) == (mode == "partial")
+    for n in grads:  # atol 1e-6: attention key biases get a gradient of exactly 0 in theory, ~1e-11 in fp32
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=2e-2, atol=1e-3 * ref_grads[n].abs().max().item() + 1e-6, msg=n)
+
+
+def count_backbone_calls(enc) -> list:
+    calls = []
+    for m in [enc.backbone.embeddings if enc.pvm == "dinov2" else enc.backbone.vision_model.embeddings, *enc.blocks]:
+        m.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_frozen_cache_never_runs_the_backbone_in_an_update():
+    args, agent = tiny_pvm("dinov2", "frozen")
+    opt = pd.make_optimizers(agent, args)
+    batch = fake_batch()
+    cached = cached_batch(agent.wm.encoder, batch)
+    calls = count_backbone_calls(agent.wm.encoder)
+    proj_before = [p.detach().clone() for p in agent.wm.encoder.proj.parameters()]
+    pd.train_step(agent, opt, cached)
+    assert not calls  # not a single embedding or block forward
+    assert any(not torch.equal(a, b) for a, b in zip(proj_before, agent.wm.encoder.proj.parameters()))  # head trains
+    pd.train_step(agent, opt, batch)
+    assert len(calls) == 1 + len(agent.wm.encoder.blocks)  # the hooks do count: without the cache it runs
+
+
+def test_feature_cache_replay_checkpoint_budget_and_acting(capsys):
+    args, agent = tiny_pvm("dinov2", "partial")
+    enc = agent.wm.encoder
+    shape = pd.feature_cache_shape(enc, args)
+    assert shape == (1 + 16, 32) == enc.prefix_shape()  # CLS + 4x4 patches of the 32-wide tiny ViT
+    assert pd.feature_cache_shape(enc, tiny_args(pvm="dinov2", mode="partial", feature_cache=False)) is None
+    assert pd.feature_cache_shape(pd.CNNEncoder(32, 4), tiny_args()) is None
+    assert "FEATURE CACHE OFF" not in capsys.readouterr().out
+    big = tiny_args(pvm="dinov2", mode="partial", replay_size=10**6, feature_cache_gb=0.5)  # 1.09 GB > 0.5
+    assert pd.feature_cache_shape(enc, big) is None and "FEATURE CACHE OFF" in capsys.readouterr().out
+    rb = pd.Replay(20, (32, 32, 3), 2, seed=0, feat_shape=shape)
+    frames = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8).numpy()
+    state = pd.initial_state(agent)
+    for t, obs in enumerate(frames):
+        prefix = pd.add_frame(rb, agent, obs, np.zeros(2), 0.0, t == 0, False)
+        # Acting on the cached prefix is acting on the frame (torch.manual_seed: the same latent sample).
+        torch.manual_seed(t)
+        a1, _ = pd.act(agent, obs, state, t == 0, explore=False, prefix=prefix)
+        torch.manual_seed(t)
+        a2, state = pd.act(agent, obs, state, t == 0, explore=False)
+        np.testing.assert_allclose(a1, a2, atol=1e-5)
+    with torch.no_grad():
+        want = enc.prefix(torch.as_tensor(frames)).half().numpy()
+    np.testing.assert_array_equal(rb.data["feat"][:12], want)
+    assert rb.sample(3, 5)["feat"].shape == (3, 5, *shape)
+    # The checkpointed replay holds the cache; a replay without a cache drops it; the reverse refills it.
+    saved = rb.state_dict()
+    assert "feat" in saved["data"]
+    plain = pd.Replay(20, (32, 32, 3), 2, seed=0)
+    assert plain.load_state_dict(saved) and "feat" not in plain.data
+    cached = pd.Replay(20, (32, 32, 3), 2, seed=0, feat_shape=shape)
+    assert not cached.load_state_dict(plain.state_dict())
+    cached.fill_cache(enc, "cpu", chunk=5)
+    np.testing.assert_array_equal(cached.data["feat"][:12], want)
+
+
+def test_bench_quick_prints_one_row_per_configuration():
+    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--only", "cnn,dinov2-frozen,clip-full"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    for col in ("env-steps/s", "updates/s", "s/update", "CPU s/update", "x CNN", "peak RSS GB"):
+        assert col in head, head
+    rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+    # cnn, dinov2-frozen with and without the feature cache, clip-full (no cache in full mode)
+    assert [(r["encoder"], r["feature cache"]) for r in rows] == [
+        ("cnn", "-"), ("dinov2-frozen", "on"), ("dinov2-frozen", "off"), ("clip-full", "-")]
+    for r in rows:
+        assert float(r["s/update"]) > 0 and float(r["CPU s/update"]) > 0 and float(r["peak RSS GB"]) > 0.05
+        assert float(r["updates/s"]) == pytest.approx(1 / float(r["s/update"]), rel=0.02)
+    assert rows[0]["x CNN"] == "1.0"
+    bad = subprocess.run([sys.executable, str(REPO / "bench.py"), "--only", "vgg"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "vgg" in bad.stderr
+
+
+SWEEP_RUN = ["--size", "tiny", "--image-size", "32", "--pvm-image-size", "32", "--pvm-id", "tiny", "--pvm-random-init",
+             "--total-steps", "50", "--learning-starts", "40", "--train-ratio", "8", "--batch-size", "2",
+             "--batch-length", "4", "--eval-episodes", "0", "--checkpoint-every", "25"]  # one 50-step episode
+
+
+def test_sweep_runs_a_grid_on_ray_and_a_relaunch_does_no_work_twice(tmp_path):
+    pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-sweep.txt); sweep.py needs it")
+    import sweep
+
+    cmd = [sys.executable, str(REPO / "sweep.py"), "--pvm", "none,dinov2", "--mode", "frozen", "--env", "pointmass",
+           "--seeds", "1,2", "--logdir", str(tmp_path), "--num-cpus", "2", "--", *SWEEP_RUN]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    names = sorted(f"pointmass__{e}__s{s}" for e in ("cnn", "dinov2-frozen") for s in (1, 2))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and "__" in p.name) == names
+    assert "finished 4/4, running 0, queued 0, failed 0" in proc.stdout
+    for name in names:
+        run = tmp_path / name
+        assert (run / sweep.DONE).exists()
+        pvm, mode = ("none", "partial") if "cnn" in name else ("dinov2", "frozen")  # the CNN run keeps the default
+        args = pd.Args(env="pointmass", pvm=pvm, mode=mode, seed=int(name[-1]), **TINY)
+        assert pd.load_checkpoint(sweep.find_checkpoint(run), args)["step"] == 50  # the final checkpoint
+    snapshot = lambda: {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
+    # Re-launch after "a crash" of one run (its done-marker gone): only that one runs, resumed from its checkpoint.
+    (tmp_path / names[0] / sweep.DONE).unlink()
+    before = snapshot()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "3 already finished, 1 to run" in proc.stdout
+    changed = {p.relative_to(tmp_path).parts[0] for p, t in snapshot().items() if before.get(p) != t}
+    assert changed <= {names[0], "logs"}  # no other run directory was touched
+    log = (tmp_path / "logs" / f"{names[0]}.log").read_text()
+    assert log.count("[sweep ") == 2 and f"--resume {tmp_path / names[0]}" in log
+    for other in names[1:]:
+        assert (tmp_path / "logs" / f"{other}.log").read_text().count("[sweep ") == 1
+    # A third launch has nothing to do and starts no Ray instance.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "4 already finished, 0 to run" in proc.stdout

@@ -1,0 +1,199 @@
+"""bench.py: what one collect+train iteration costs with each encoder, in one Markdown table.
+
+  python bench.py                          # the full CPU table: cnn, dinov2/clip x frozen/partial/full @224 and @112
+  python bench.py --device cuda --batch-size 16 --batch-length 64 --updates 10    # the agent's batch, on a GPU
+  python bench.py --quick                  # smoke test: tiny random models, 32x32, seconds
+  python bench.py --only cnn,dinov2-frozen --pvm-sizes 224 --updates 5 --device cuda
+
+An iteration is what `train()` does per update at --train-ratio: collect B*T/ratio env steps (act, feature-cache
+entry, replay.add), then one `train_step` (world model + actor-critic). Each row runs `--warmup` iterations,
+then `--updates` timed ones. PVMs are the REAL architectures (dinov2-small, clip-vit-base-patch32) with RANDOM
+weights (--pvm-random-init): speed and memory do not depend on the weights. Rows marked "off" run with
+--no-feature-cache, so the cache's gain is visible.
+Memory: each row runs in its own process, forked from this one after the imports and before anything is
+built, so its peak RSS (ru_maxrss) is that row's alone on top of the same imported libraries.
+Time: wall clock (env-steps/s, updates/s, s/update) and the row process's CPU time (user+sys, all threads). On
+a shared CPU the wall clock also counts everyone else's work, so "x CNN" is computed from CPU time there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+import pvm_dreamer as pd
+
+# The comparison configuration of NM512's dreamerv3-torch (its defaults, a dense GRU): registered here, not in
+# the agent's --size choices, because it is not one of [D3]'s presets.
+pd.SIZES["nm512"] = dict(deter=256, hidden=512, stoch=32, classes=32, depth=32, units=512, blocks=1)
+NM512_MEASURED = "8.2 s / 4.8 GB"  # NM512 dreamerv3-torch, one update at this configuration, measured earlier on this CPU
+ENCODERS = ["cnn"] + [f"{p}-{m}" for p in ("dinov2", "clip") for m in ("frozen", "partial", "full")]
+
+
+def run_row(spec: dict) -> dict:
+    """Build the agent of one row and time warmup + `updates` collect+train iterations."""
+    args = pd.Args(**spec["args"])
+    device = pd.resolve_device(args.device)
+    pd.seed_everything(0, False)
+    env = pd.make_run_env(args)
+    action_dim = env.action_space.shape[0]
+    agent = pd.Dreamer(pd.make_encoder(args), action_dim, args).to(device)
+    opt = pd.make_optimizers(agent, args)
+    replay = pd.Replay(args.replay_size, env.observation_space.shape, action_dim, 0,
+                       pd.feature_cache_shape(agent.wm.encoder, args))
+    s = dict(obs=env.reset(seed=0)[0], act=pd.initial_state(agent), first=True)
+    s["prefix"] = pd.add_frame(replay, agent, s["obs"], np.zeros(action_dim), 0.0, True, False)
+
+    def collect(n: int, policy: bool):  # the train() loop's env side, step for step
+        for _ in range(n):
+            if policy:
+                action, s["act"] = pd.act(agent, s["obs"], s["act"], s["first"], explore=True, prefix=s["prefix"])
+            else:
+                action = env.action_space.sample()
+            s["obs"], reward, term, trunc, _ = env.step(action)
+            s["prefix"], s["first"] = pd.add_frame(replay, agent, s["obs"], action, reward, False, term), False
+            if term or trunc:
+                s["obs"], s["act"], s["first"] = env.reset()[0], pd.initial_state(agent), True
+                s["prefix"] = pd.add_frame(replay, agent, s["obs"], np.zeros(action_dim), 0.0, True, False)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    collect(args.batch_length, policy=False)  # one window of random prefill, as learning_starts does
+    steps = spec["steps_per_update"]
+    t_collect = t_train = cpu0 = 0.0
+    for i in range(spec["warmup"] + spec["updates"]):
+        if i == spec["warmup"]:
+            t_collect, t_train, cpu0 = 0.0, 0.0, time.process_time()
+        sync(); t0 = time.perf_counter()
+        collect(steps, policy=True)
+        sync(); t1 = time.perf_counter()
+        pd.train_step(agent, opt, pd.to_torch(replay.sample(args.batch_size, args.batch_length), device))
+        sync(); t2 = time.perf_counter()
+        t_collect, t_train = t_collect + t1 - t0, t_train + t2 - t1
+    env.close()
+    total, n, cpu = t_collect + t_train, spec["updates"], time.process_time() - cpu0
+    return dict(s_update=total / n, cpu_s_update=cpu / n, updates_s=n / total, env_steps_s=n * steps / total, collect_frac=t_collect / total,
+                rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
+                cuda_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                cached="feat" in replay.data)
+
+
+def _child(spec, conn):
+    try:
+        conn.send(run_row(spec))
+    except Exception as e:  # report, so one broken row does not hide the others
+        conn.send(dict(error=f"{type(e).__name__}: {e}"))
+
+
+def run_fresh(spec: dict) -> dict:
+    """run_row in a forked child: nothing built before the fork, so ru_maxrss is this row's own peak."""
+    parent, child = mp.Pipe(duplex=False)
+    proc = mp.get_context("fork").Process(target=_child, args=(spec, child))
+    proc.start()
+    out = parent.recv() if parent.poll(None) else dict(error="no result")
+    proc.join()
+    return out
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def make_specs(o) -> list[dict]:
+    quick = o.quick
+    base = dict(env=o.env, image_size=32 if quick else o.image_size, size="tiny" if quick else o.size,
+                batch_size=o.batch_size, batch_length=o.batch_length, train_ratio=o.train_ratio, device=o.device,
+                pvm_random_init=True, finetune_blocks=2 if quick else 4, torch_deterministic=False)
+    steps = max(1, round(o.batch_size * o.batch_length / o.train_ratio))
+    replay = o.batch_length + 2 + (o.warmup + o.updates) * (steps + 1) * 2  # holds every frame the row collects
+    specs = []
+    for enc in o.only.split(","):
+        if enc not in ENCODERS:
+            fail(f"--only {enc!r} is not one of {','.join(ENCODERS)}; fix the list")
+        pvm, mode = ("none", "full") if enc == "cnn" else enc.split("-")
+        patch = 14 if pvm == "dinov2" else 32  # each size is rounded down to a multiple of the PVM's patch
+        for res in ([None] if pvm == "none" else [32] if quick else [int(r) // patch * patch for r in o.pvm_sizes.split(",")]):
+            for cache in ([True, False] if mode != "full" and pvm != "none" else [True]):
+                a = dict(base, pvm=pvm, mode=mode, replay_size=replay, feature_cache=cache,
+                         pvm_id="tiny" if quick else "", pvm_image_size=res or 224)
+                specs.append(dict(name=enc, res=res, args=a, steps_per_update=steps, warmup=o.warmup, updates=o.updates))
+    return specs
+
+
+def table_head(cuda: bool) -> str:
+    head = ["encoder", "PVM res", "feature cache", "env-steps/s", "updates/s", "s/update", "CPU s/update",
+            "x CNN", "collect share", "peak RSS GB"] + (["CUDA max alloc GB"] if cuda else [])
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
+
+
+def table_row(s: dict, r: dict, cnn: dict | None, cuda: bool) -> str:
+    """On a CPU the ratio to the CNN uses CPU seconds (process time): on a shared machine wall time also counts
+    whatever else ran, CPU time only this row's work. On a GPU it uses wall time."""
+    key = "s_update" if cuda else "cpu_s_update"
+    cache = "-" if s["args"]["pvm"] == "none" or s["args"]["mode"] == "full" else ("on" if r.get("cached") else "off")
+    if "error" in r:
+        return f"| {s['name']} | {s['res'] or '-'} | {cache} | error: {r['error']} |"
+    cells = [s["name"], s["res"] or "-", cache, f"{r['env_steps_s']:.2f}", f"{r['updates_s']:.3f}",
+             f"{r['s_update']:.3f}", f"{r['cpu_s_update']:.3f}", f"{r[key] / cnn[key]:.1f}" if cnn else "-",
+             f"{r['collect_frac']:.0%}", f"{r['rss_gb']:.2f}"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny random models at 32x32, 1+2 iterations: a smoke test")
+    p.add_argument("--only", default=",".join(ENCODERS), help=f"comma list of rows from {','.join(ENCODERS)}")
+    p.add_argument("--pvm-sizes", default="224,112", help="comma list of --pvm-image-size values to time "
+                   "(rounded down to the patch size: CLIP-B/32 at 112 runs at 96)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu | cuda | cuda:N | auto")
+    p.add_argument("--env", default="pointmass", help="environment (a cheap one, so the encoders dominate)")
+    p.add_argument("--image-size", type=int, default=64, help="env frames, CNN input and decoder output")
+    p.add_argument("--size", default="small", help="model size preset of the world model and actor-critic")
+    # differs from the agent's 16x64: a ViT-S at 224 encodes ~4 frames/s on a 2-core CPU; on a GPU pass 16 64
+    p.add_argument("--batch-size", type=int, default=4, help="B sequences per update")
+    p.add_argument("--batch-length", type=int, default=16, help="T steps per sequence")
+    p.add_argument("--train-ratio", type=float, default=32.0, help="replayed steps per env step")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per row")
+    p.add_argument("--updates", type=int, default=2, help="timed iterations (updates) per row")
+    p.add_argument("--no-nm512", action="store_true", help="skip the NM512 comparison update")
+    o = p.parse_args(argv)
+    if o.quick:
+        o.batch_size, o.batch_length, o.train_ratio, o.warmup, o.updates = 2, 8, 4.0, 1, 2
+    try:
+        cuda = pd.resolve_device(o.device).type == "cuda"
+    except pd.UsageError as e:
+        fail(str(e))
+    specs = make_specs(o)
+    if any(s["args"]["pvm"] != "none" for s in specs):  # imported once, before the forks: the same baseline RSS
+        from transformers import CLIPVisionModel, Dinov2Model  # noqa: F401  for every row
+    print(f"bench: {len(specs)} rows, B={o.batch_size} T={o.batch_length} ratio={o.train_ratio} "
+          f"({specs[0]['steps_per_update']} env steps/update), warm-up {o.warmup} + {o.updates} timed, "
+          f"env {o.env} {specs[0]['args']['image_size']}px, size {specs[0]['args']['size']}, device {o.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; PVMs RANDOM-INIT", flush=True)
+    print("\n" + table_head(cuda), flush=True)
+    rows, cnn = [], None
+    for spec in specs:  # each row is printed as soon as it is measured
+        rows.append((spec, run_fresh(spec)))
+        if spec["name"] == "cnn" and "error" not in rows[-1][1]:
+            cnn = rows[-1][1]
+        print(table_row(*rows[-1], cnn, cuda), flush=True)
+    if not (o.quick or o.no_nm512):
+        nm = dict(name="nm512", res=None, warmup=1, updates=o.updates, steps_per_update=32,
+                  args=dict(env=o.env, image_size=64, size="nm512", batch_size=16, batch_length=64, train_ratio=32.0,
+                            device=o.device, replay_size=64 + 2 + (1 + o.updates) * 33 * 2, torch_deterministic=False))
+        r = run_fresh(nm)
+        print("\nour update at the NM512 comparison configuration (CNN, deter 256, 32x32 latents, depth 32, hidden/"
+              "units 512, dense GRU, batch 16x64, 64x64, float32): "
+              + (r["error"] if "error" in r else f"{r['s_update']:.2f} s/update ({r['cpu_s_update']:.2f} CPU s; "
+                 f"incl. 32 env steps), peak RSS {r['rss_gb']:.2f} GB") + f"; NM512's dreamerv3-torch: {NM512_MEASURED} (measured earlier on this CPU)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
