@@ -169,6 +169,8 @@ def main(argv=None):
         cuda = pd.resolve_device(o.device).type == "cuda"
     except pd.UsageError as e:
         fail(str(e))
+    if not cuda:
+        pd.keep_freed_memory()  # as train() does on a CPU; the forked rows inherit it
     specs = make_specs(o)
     if any(s["args"]["pvm"] != "none" for s in specs):  # imported once, before the forks: the same baseline RSS
         from transformers import CLIPVisionModel, Dinov2Model  # noqa: F401  for every row
