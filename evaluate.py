@@ -58,25 +58,19 @@ def encoder_label(pvm: str, mode: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # One run: checkpoint -> agent -> returns on ID, every shift x severity, and the random policy
 # ---------------------------------------------------------------------------------------------------------
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoint file as given; for a run directory its newest intact RUN/checkpoints/ckpt_*.pt."""
+def load_agent(path: Path, device: str) -> tuple[pd.Dreamer, pd.Args, int, Path]:
+    """Rebuild the agent from the flags saved in a checkpoint file, or in a run directory's newest intact one,
+    and load its weights (replay and optimiser unused). Returns the agent, its args, step and checkpoint path."""
     if path.is_file():
-        return path
-    for ckpt in reversed(pd.checkpoint_paths(path)):
         try:
-            pd.read_checkpoint(ckpt)
-            return ckpt
+            ckpt, state = path, pd.read_checkpoint(path)
         except pd.CorruptCheckpoint as e:
-            print(f"checkpoint {ckpt} is corrupt ({e}); trying the one before", file=sys.stderr)
-    raise pd.UsageError(f"no intact checkpoint in {path}/checkpoints: pass a run directory or a checkpoint file")
-
-
-def load_agent(ckpt: Path, device: str) -> tuple[pd.Dreamer, pd.Args, int]:
-    """Rebuild the agent from the flags saved in the checkpoint, and load its weights (replay and optimiser unused)."""
-    try:
-        state = pd.read_checkpoint(ckpt)
-    except pd.CorruptCheckpoint as e:
-        raise pd.UsageError(f"checkpoint {ckpt} is corrupt ({e}): pass an intact checkpoint or its run directory")
+            raise pd.UsageError(f"checkpoint {path} is corrupt ({e}): pass an intact one or its run directory")
+    else:
+        found = pd.newest_intact(path) if path.is_dir() else None
+        if not found:
+            raise pd.UsageError(f"no checkpoint in {path}: pass a run directory or a checkpoint file")
+        ckpt, state = found
     if not isinstance(state, dict) or state.get("format") != pd.CHECKPOINT_FORMAT:
         raise pd.UsageError(f"{ckpt} is not a pvm-dreamer format-{pd.CHECKPOINT_FORMAT} checkpoint")
     known = {f.name for f in fields(pd.Args)}  # tolerate flags added or removed since the run was trained
@@ -88,7 +82,7 @@ def load_agent(ckpt: Path, device: str) -> tuple[pd.Dreamer, pd.Args, int]:
     agent = pd.Dreamer(pd.make_encoder(args), action_dim, args)
     agent.load_state_dict(state["agent"])
     agent.to(pd.resolve_device(device)).eval()
-    return agent, args, int(state["step"])
+    return agent, args, int(state["step"]), ckpt
 
 
 def parse_conditions(env: str, shift_arg: str, severity_arg: str) -> list[tuple[str, str]]:
@@ -123,9 +117,8 @@ def evaluate_run(run: str | Path, episodes: int = 10, shift_arg: str = "all", se
                  capture_video: bool = False, video_shift: str = "", device: str = "cpu") -> list[dict]:
     """Evaluate the run's (newest) checkpoint on ID, every shift x severity and the random policy; write
     RUN/shift_eval.json, .csv and .md; return the rows."""
-    ckpt = find_checkpoint(Path(run))
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    agent, args, step = load_agent(ckpt, device)
+    agent, args, step, ckpt = load_agent(Path(run), device)
+    run_dir = pd.run_dir_of(ckpt)
     if not shifts.shift_names(args.env):
         print(f"{args.env} has no visual shifts: evaluating in distribution only")
         shift_arg = ""

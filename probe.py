@@ -176,7 +176,7 @@ def build_encoder(a) -> tuple[pd.PVMEncoder, str, bool]:
     if a.checkpoint:
         import evaluate
 
-        agent, args, _ = evaluate.load_agent(evaluate.find_checkpoint(Path(a.checkpoint)), a.device)
+        agent, args, _, _ = evaluate.load_agent(Path(a.checkpoint), a.device)
         if args.pvm == "none":
             raise pd.UsageError(f"{a.checkpoint} was trained with the CNN encoder: the probe needs a PVM (a ViT)")
         if a.pvm and a.pvm != args.pvm:

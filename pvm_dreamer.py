@@ -1142,10 +1142,30 @@ def run_dir_of(path: Path) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
+def newest_intact(run_dir: Path, fix_corrupt: bool = False) -> tuple[Path, dict] | None:
+    """The newest checkpoint of a run that reads back intact, as (path, state); None if the run has none.
+    Newer corrupt ones are skipped, each reported in one line and, with fix_corrupt, renamed to *.corrupt
+    (never deleted) so that pruning and later resumes pass them by."""
+    corrupt = []
+    for ckpt in reversed(checkpoint_paths(run_dir)):
+        try:
+            state = read_checkpoint(ckpt)
+        except CorruptCheckpoint as e:
+            corrupt.append((ckpt, e))
+            continue
+        for bad, e in corrupt:
+            print(f"checkpoint {bad} is corrupt ({e}); using {ckpt.name}", file=sys.stderr)
+            if fix_corrupt:
+                bad.rename(bad.with_name(bad.name + ".corrupt"))
+        return ckpt, state
+    if corrupt:
+        raise UsageError(f"every checkpoint in {run_dir}/checkpoints is corrupt (first: {corrupt[0][1]}); "
+                         "start a new run")
+    return None
+
+
 def load_checkpoint(path: Path, args: Args, fix_corrupt: bool = False) -> dict:
-    """The state of --resume PATH. A file is loaded as named. A run directory yields its newest intact
-    checkpoint: newer corrupt ones are skipped, each reported in one line and, with fix_corrupt, renamed to
-    *.corrupt (never deleted) so that pruning and later resumes pass them by."""
+    """The state of --resume PATH: a file as named, a run directory's newest intact checkpoint."""
     legacy = f"{run_dir_of(path)}/checkpoint.pt is a format-1 checkpoint of an older pvm-dreamer: continue " \
              "that run with the version that wrote it, or start a new run"
     if path.is_file():
@@ -1158,21 +1178,9 @@ def load_checkpoint(path: Path, args: Args, fix_corrupt: bool = False) -> dict:
                              "intact one") from None
     if not path.is_dir():
         raise UsageError(f"--resume {path}: no such run directory or checkpoint file")
-    corrupt = []
-    for ckpt in reversed(checkpoint_paths(path)):
-        try:
-            state = check_checkpoint(read_checkpoint(ckpt), ckpt, args)
-        except CorruptCheckpoint as e:
-            corrupt.append((ckpt, e))
-            continue
-        for bad, e in corrupt:
-            print(f"checkpoint {bad} is corrupt ({e}); using {ckpt.name}", file=sys.stderr)
-            if fix_corrupt:
-                bad.rename(bad.with_name(bad.name + ".corrupt"))
-        return state
-    if corrupt:
-        raise UsageError(f"every checkpoint in {path}/checkpoints is corrupt (first: {corrupt[0][1]}); "
-                         "start a new run")
+    found = newest_intact(path, fix_corrupt)
+    if found:
+        return check_checkpoint(found[1], found[0], args)
     if (path / "checkpoint.pt").is_file():
         raise UsageError(legacy)
     raise UsageError(f"{path} holds no checkpoints/ckpt_*.pt (a run stopped before its first checkpoint cannot "

@@ -906,11 +906,14 @@ def test_checkpoint_lookup_takes_the_newest_intact_one(tmp_path):
     for step in (100, 200):
         pd.save_checkpoint(tmp_path, dict(format=pd.CHECKPOINT_FORMAT, step=step), keep=3)
     newest = tmp_path / "checkpoints" / "ckpt_000000200.pt"
-    assert ev.find_checkpoint(tmp_path) == newest
+    assert pd.newest_intact(tmp_path)[0] == newest
     newest.write_bytes(newest.read_bytes()[:-100])  # truncated: skipped for the one before
-    assert ev.find_checkpoint(tmp_path) == tmp_path / "checkpoints" / "ckpt_000000100.pt"
-    with pytest.raises(pd.UsageError, match="no intact checkpoint"):
-        ev.find_checkpoint(tmp_path / "missing")
+    ckpt, state = pd.newest_intact(tmp_path)
+    assert ckpt == tmp_path / "checkpoints" / "ckpt_000000100.pt" and state["step"] == 100
+    assert newest.exists()  # reported, not renamed, without fix_corrupt
+    assert pd.newest_intact(tmp_path / "missing") is None
+    with pytest.raises(pd.UsageError, match="no checkpoint"):
+        ev.load_agent(tmp_path / "missing", "cpu")
 
 
 def test_eval_shifts_flag_runs_at_the_end_of_training_pointmass_has_no_shifts(tmp_path, capsys):
