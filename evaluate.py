@@ -58,9 +58,10 @@ def encoder_label(pvm: str, mode: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # One run: checkpoint -> agent -> returns on ID, every shift x severity, and the random policy
 # ---------------------------------------------------------------------------------------------------------
-def load_agent(path: Path, device: str) -> tuple[pd.Dreamer, pd.Args, int, Path]:
+def load_agent(path: Path | str, device: str) -> tuple[pd.Dreamer, pd.Args, int, Path]:
     """Rebuild the agent from the flags saved in a checkpoint file, or in a run directory's newest intact one,
     and load its weights (replay and optimiser unused). Returns the agent, its args, step and checkpoint path."""
+    path = Path(path)
     if path.is_file():
         try:
             ckpt, state = path, pd.read_checkpoint(path)
