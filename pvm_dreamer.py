@@ -1290,6 +1290,38 @@ def check_args(args: Args):
                          "or MUJOCO_GL=osmesa; `bash setup.sh` installs both")
 
 
+class RunLock:
+    """An exclusive lock on RUN/.lock, held while a process trains into RUN. Two processes writing one run (a
+    sweep launched twice, a --resume while the run still goes) would interleave checkpoints and log rows; the
+    second stops with one line instead. The OS releases a flock when its holder exits, even on kill -9, so a
+    crashed run never leaves a stale lock. (Unix only: without fcntl, e.g. on Windows, nothing is locked.)"""
+
+    held: dict[str, int] = {}  # run dir -> lock fd, in this process
+
+    def __init__(self, run_dir: Path):
+        self.key, self.fd = str(run_dir.resolve()), None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        if self.key in RunLock.held:  # left behind by an earlier train() in this process that raised
+            os.close(RunLock.held.pop(self.key))
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"another process is training in {run_dir} (it holds {run_dir / '.lock'}; "
+                             f"`fuser -v {run_dir / '.lock'}` names it): let it finish, or stop it with SIGTERM "
+                             "(it saves a checkpoint), then --resume") from None
+        self.fd = RunLock.held[self.key] = fd
+
+    def close(self):
+        if self.fd is not None and RunLock.held.get(self.key) == self.fd:
+            os.close(RunLock.held.pop(self.key))
+        self.fd = None
+
+
 def open_run(args: Args) -> tuple[Path, dict | None]:
     """The run directory and, with --resume, the checkpoint to continue from. Writes nothing (but renames
     corrupt checkpoints to *.corrupt). A new run may not reuse a directory that holds files: that is either a
@@ -1449,6 +1481,11 @@ def train(args: Args):
             return eval_only(agent, env, args, run_dir, p.step)
 
     run_dir.mkdir(parents=True, exist_ok=True)  # every check has passed: the first write of the run
+    try:
+        lock = RunLock(run_dir)  # no second process may write this run while this one does
+    except UsageError:
+        env.close()
+        raise
     logger = start_logging(run_dir, agent, env, args, p.step if state else None)
 
     def save():
@@ -1465,7 +1502,7 @@ def train(args: Args):
     act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
     start_time, start_step = time.time(), p.step
     pbar = tqdm(total=args.total_steps, initial=p.step, unit="step", mininterval=2.0, dynamic_ncols=True)
-    with StopRequest() as stop, closing(logger), closing(env), pbar:
+    with StopRequest() as stop, closing(lock), closing(logger), closing(env), pbar:
         while p.step < args.total_steps:
             if p.step < args.learning_starts:
                 action = env.action_space.sample()

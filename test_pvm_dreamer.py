@@ -1237,6 +1237,26 @@ def test_resume_at_an_episode_end_reproduces_the_uninterrupted_run(tmp_path, cap
         assert torch.equal(a["agent"][k], b["agent"][k]), k
 
 
+def test_a_run_that_is_being_written_cannot_be_resumed_twice(tmp_path, capsys):
+    """While one process trains into RUN (here: this test holds RUN/.lock the way a live run does), --resume
+    of RUN stops with one line and writes nothing; once the holder lets go, the resume works."""
+    import fcntl
+
+    run_dir = tmp_path / "r"
+    assert main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "r", "--total-steps", "30"], capsys)[0] == 0
+    fd = os.open(run_dir / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails if the finished run had not let go of its lock
+    before = tree(run_dir)
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--resume", str(run_dir), "--total-steps", "60"],
+                                   capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "another process is training in" in err, err
+    assert tree(run_dir) == before
+    os.close(fd)  # the other process ends
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--resume", str(run_dir), "--total-steps", "60"],
+                                   capsys)
+    assert code == 0, err
+    assert max(ckpt_steps(run_dir)) == 60
+
 def test_tyro_error_boxes_fold_into_one_line():
     want = "invalid choice 'foo' for argument '--pvm'. Expected one of ('none', 'dinov2', 'clip')."
     unicode_box = ("╭─ Invalid choice ───────────────╮\n│ invalid choice 'foo' for argument '--pvm'. Expected one of ('none', │\n"
