@@ -1259,6 +1259,8 @@ def keep_freed_memory():
             libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not shrink the heap
         except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
             pass
+
+
 GL_BACKENDS = ("egl", "osmesa", "glfw", "cgl", "wgl")  # what MuJoCo accepts in MUJOCO_GL
 
 
