@@ -550,7 +550,8 @@ class PVMEncoder(nn.Module):
 
     def _run(self, x: torch.Tensor, blocks) -> torch.Tensor:
         for blk in blocks:
-            x = blk(x) if self.pvm == "dinov2" else blk(x, None, None)[0]
+            out = blk(x) if self.pvm == "dinov2" else blk(x, None, None)
+            x = out[0] if isinstance(out, tuple) else out  # older transformers return (hidden, ...) tuples
         return x
 
     @property
