@@ -21,46 +21,40 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
-import sys
 import time
 
 import numpy as np
 import torch
 
 import pvm_dreamer as pd
+import runtime
 
-# The comparison configuration of NM512's dreamerv3-torch (its defaults, a dense GRU): registered here, not in
-# the agent's --size choices, because it is not one of [D3]'s presets.
-pd.SIZES["nm512"] = dict(deter=256, hidden=512, stoch=32, classes=32, depth=32, units=512, blocks=1)
+# The comparison configuration of NM512's dreamerv3-torch (its defaults, a dense GRU). Not one of [D3]'s presets,
+# so not among the agent's --size choices: the row that times it adds it to pd.SIZES in its own (forked) process.
+NM512 = dict(deter=256, hidden=512, stoch=32, classes=32, depth=32, units=512, blocks=1)
 NM512_MEASURED = "8.2 s / 4.8 GB"  # NM512 dreamerv3-torch, one update at this configuration, measured earlier on this CPU
-ENCODERS = ["cnn"] + [f"{p}-{m}" for p in ("dinov2", "clip") for m in ("frozen", "partial", "full")]
+ENCODERS = [pd.encoder_label(p, m) for p in pd.PVMS for m in pd.MODES if p != "none" or m == "full"]  # cnn first
 
 
 def run_row(spec: dict) -> dict:
     """Build the agent of one row and time warmup + `updates` collect+train iterations."""
+    if spec["args"]["size"] == "nm512":
+        pd.SIZES["nm512"] = NM512  # this row's process only (see run_fresh)
     args = pd.Args(**spec["args"])
-    device = pd.resolve_device(args.device)
-    pd.seed_everything(0, False)
+    device = runtime.resolve_device(args.device)
+    runtime.seed_everything(0, False)
     env = pd.make_run_env(args)
     action_dim = env.action_space.shape[0]
     agent = pd.Dreamer(pd.make_encoder(args), action_dim, args).to(device)
     opt = pd.make_optimizers(agent, args)
     replay = pd.Replay(args.replay_size, env.observation_space.shape, action_dim, 0,
                        pd.feature_cache_shape(agent.wm.encoder, args))
-    s = dict(obs=env.reset(seed=0)[0], act=pd.initial_state(agent), first=True)
-    s["prefix"] = pd.add_frame(replay, agent, s["obs"], np.zeros(action_dim), 0.0, True, False)
+    collector = pd.Collector(agent, env, replay)  # the train() loop's env side
+    collector.reset(seed=0)
 
-    def collect(n: int, policy: bool):  # the train() loop's env side, step for step
+    def collect(n: int, policy: bool):
         for _ in range(n):
-            if policy:
-                action, s["act"] = pd.act(agent, s["obs"], s["act"], s["first"], explore=True, prefix=s["prefix"])
-            else:
-                action = env.action_space.sample()
-            s["obs"], reward, term, trunc, _ = env.step(action)
-            s["prefix"], s["first"] = pd.add_frame(replay, agent, s["obs"], action, reward, False, term), False
-            if term or trunc:
-                s["obs"], s["act"], s["first"] = env.reset()[0], pd.initial_state(agent), True
-                s["prefix"] = pd.add_frame(replay, agent, s["obs"], np.zeros(action_dim), 0.0, True, False)
+            collector.step(random_action=not policy)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     collect(args.batch_length, policy=False)  # one window of random prefill, as learning_starts does
@@ -100,11 +94,6 @@ def run_fresh(spec: dict) -> dict:
     return out
 
 
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def make_specs(o) -> list[dict]:
     quick = o.quick
     base = dict(env=o.env, image_size=32 if quick else o.image_size, size="tiny" if quick else o.size,
@@ -115,7 +104,7 @@ def make_specs(o) -> list[dict]:
     specs = []
     for enc in o.only.split(","):
         if enc not in ENCODERS:
-            fail(f"--only {enc!r} is not one of {','.join(ENCODERS)}; fix the list")
+            runtime.fail(f"--only {enc!r} is not one of {','.join(ENCODERS)}; fix the list")
         pvm, mode = ("none", "full") if enc == "cnn" else enc.split("-")
         patch = 14 if pvm == "dinov2" else 32  # each size is rounded down to a multiple of the PVM's patch
         for res in ([None] if pvm == "none" else [32] if quick else [int(r) // patch * patch for r in o.pvm_sizes.split(",")]):
@@ -165,12 +154,10 @@ def main(argv=None):
     o = p.parse_args(argv)
     if o.quick:
         o.batch_size, o.batch_length, o.train_ratio, o.warmup, o.updates = 2, 8, 4.0, 1, 2
-    try:
-        cuda = pd.resolve_device(o.device).type == "cuda"
-    except pd.UsageError as e:
-        fail(str(e))
+    with runtime.one_line_errors():
+        cuda = runtime.resolve_device(o.device).type == "cuda"
     if not cuda:
-        pd.keep_freed_memory()  # as train() does on a CPU; the forked rows inherit it
+        runtime.keep_freed_memory()  # as train() does on a CPU; the forked rows inherit it
     specs = make_specs(o)
     if any(s["args"]["pvm"] != "none" for s in specs):  # imported once, before the forks: the same baseline RSS
         from transformers import CLIPVisionModel, Dinov2Model  # noqa: F401  for every row

@@ -47,6 +47,8 @@ CAMERAS = {
 # MetaDrive defaults (any of them, and any other MetaDrive config key, can be overridden via make_env's kwargs).
 # A fixed, small set of procedurally generated maps keeps runs reproducible; 0.1 is MetaDrive's own traffic density.
 METADRIVE_DEFAULTS = dict(num_scenarios=10, start_seed=0, traffic_density=0.1, horizon=1000)
+ONE_PER_PROCESS = ("metadrive", "metadrive-topdown")  # MetaDrive's engine is a per-process singleton
+GL_BACKENDS = ("egl", "osmesa", "glfw", "cgl", "wgl")  # what MuJoCo accepts in MUJOCO_GL
 
 
 def check_image_size(image_size) -> None:
@@ -72,6 +74,22 @@ def make_env(name: str, image_size: int = 64, seed: int = 0, action_repeat: int 
                                 seed=seed)
     env.action_space.seed(seed)  # the agent's random prefill samples from it: reproducible too
     return env
+
+
+def rng_state(env: gym.Env) -> dict:
+    """The env's random generators, i.e. what its next seed-less reset() and action_space.sample() draw."""
+    state = dict(np_random=env.np_random.bit_generator.state,
+                 action_space=env.action_space.np_random.bit_generator.state)
+    if isinstance(env, MetaDrivePixelEnv):
+        state["scenario"] = env.scenario_rng.bit_generator.state
+    return state
+
+
+def set_rng_state(env: gym.Env, state: dict) -> None:
+    env.np_random.bit_generator.state = state["np_random"]
+    env.action_space.np_random.bit_generator.state = state["action_space"]
+    if "scenario" in state:
+        env.scenario_rng.bit_generator.state = state["scenario"]
 
 
 class PixelEnv(gym.Wrapper):

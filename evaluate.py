@@ -2,11 +2,13 @@
 
   python evaluate.py runs/pusher__dinov2-partial__1__1712345678        # -> RUN/shift_eval.{json,csv,md}
   python evaluate.py RUN --shifts color,table --severities hard --episodes 10 --capture-video
+  python evaluate.py RUN --shifts none                                  # in distribution only (and random)
   python evaluate.py aggregate runs/*/shift_eval.json --out table.md --plot plot.png
 
-Every return is measured by pvm_dreamer.evaluate (the policy's mean action; episode i reset with EVAL_SEED + i),
-so the agent on each shifted env, the agent in distribution (ID) and the uniform-random policy see the same
-starts, and so do all agents of a sweep: the evaluation seed is fixed, not the training seed.
+Every return is measured by pvm_dreamer.evaluate, the function train() evaluates with (the policy's mean action;
+episode i reset with pd.EVAL_SEED + i), so the agent on each shifted env, the agent in distribution (ID), the
+uniform-random policy and the evaluations logged during training see the same starts, and so do all agents of
+a sweep: the evaluation seed is fixed, not the training seed.
 
 The paper's robustness number is the drop in return, normalised by how far the agent got above random:
   drop % = (ID - shifted) / (ID - random) * 100     (0: no loss, 100: as bad as random; see drop_percent)
@@ -25,9 +27,10 @@ import torch
 
 import envs  # noqa: F401  (first: sets the headless-rendering variables before mujoco loads)
 import pvm_dreamer as pd
+import runtime
 import shifts
+from runtime import UsageError
 
-EVAL_SEED = 20_000  # episodes reset with EVAL_SEED + i: not a training seed, the same for every agent
 CSV_COLUMNS = ("env", "pvm", "mode", "seed", "step", "policy", "shift", "severity", "mean", "std", "episodes",
                "returns")
 SEVERITY_ORDER = shifts.SEVERITIES + tuple(shifts.WEATHERS)  # x-axis / column order
@@ -51,29 +54,13 @@ def mean_se(values) -> tuple[float, float | None]:
     return float(v.mean()), (float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None)
 
 
-def encoder_label(pvm: str, mode: str) -> str:
-    return "cnn" if pvm == "none" else f"{pvm}-{mode}"  # as train() names runs
-
-
 # ---------------------------------------------------------------------------------------------------------
 # One run: checkpoint -> agent -> returns on ID, every shift x severity, and the random policy
 # ---------------------------------------------------------------------------------------------------------
 def load_agent(path: Path | str, device: str) -> tuple[pd.Dreamer, pd.Args, int, Path]:
     """Rebuild the agent from the flags saved in a checkpoint file, or in a run directory's newest intact one,
     and load its weights (replay and optimiser unused). Returns the agent, its args, step and checkpoint path."""
-    path = Path(path)
-    if path.is_file():
-        try:
-            ckpt, state = path, pd.read_checkpoint(path)
-        except pd.CorruptCheckpoint as e:
-            raise pd.UsageError(f"checkpoint {path} is corrupt ({e}): pass an intact one or its run directory")
-    else:
-        found = pd.newest_intact(path) if path.is_dir() else None
-        if not found:
-            raise pd.UsageError(f"no checkpoint in {path}: pass a run directory or a checkpoint file")
-        ckpt, state = found
-    if not isinstance(state, dict) or state.get("format") != pd.CHECKPOINT_FORMAT:
-        raise pd.UsageError(f"{ckpt} is not a pvm-dreamer format-{pd.CHECKPOINT_FORMAT} checkpoint")
+    ckpt, state = runtime.find_checkpoint(Path(path))
     known = {f.name for f in fields(pd.Args)}  # tolerate flags added or removed since the run was trained
     args = pd.Args(**{k: v for k, v in state["args"].items() if k in known})
     args.device = device
@@ -82,34 +69,34 @@ def load_agent(path: Path | str, device: str) -> tuple[pd.Dreamer, pd.Args, int,
     env.close()
     agent = pd.Dreamer(pd.make_encoder(args), action_dim, args)
     agent.load_state_dict(state["agent"])
-    agent.to(pd.resolve_device(device)).eval()
+    agent.to(runtime.resolve_device(device)).eval()
     return agent, args, int(state["step"]), ckpt
 
 
 def parse_conditions(env: str, shift_arg: str, severity_arg: str) -> list[tuple[str, str]]:
     """--shifts / --severities -> [(shift, severity), ...], validated before anything runs."""
     valid = shifts.shift_names(env)
-    names = valid if shift_arg == "all" else [s for s in shift_arg.split(",") if s]
+    names = valid if shift_arg == "all" else [s for s in shift_arg.split(",") if s and s != "none"]
     for s in names:
         if s not in valid:
-            raise pd.UsageError(f"unknown shift '{s}' for {env}; choose from: all, {', '.join(valid) or '(none)'}")
+            raise UsageError(f"unknown shift '{s}' for {env}; choose from: all, {', '.join(valid) or '(none)'}")
     sevs = [s for s in severity_arg.split(",") if s]
     for shift in names:
         for sev in sevs:
             if sev not in shifts.severities(shift)[1:]:
-                raise pd.UsageError(f"unknown severity '{sev}' for shift {shift}; choose from: "
+                raise UsageError(f"unknown severity '{sev}' for shift {shift}; choose from: "
                                     f"{', '.join(shifts.severities(shift)[1:])}")
     return [(shift, sev) for shift in names for sev in sevs]
 
 
 def run_condition(agent, args: pd.Args, shift: str, severity: str, episodes: int, video: str) -> np.ndarray:
     try:
-        env = shifts.make_shifted_env(args.env, shift, severity, image_size=args.image_size, seed=EVAL_SEED,
+        env = shifts.make_shifted_env(args.env, shift, severity, image_size=args.image_size, seed=pd.EVAL_SEED,
                                       action_repeat=args.action_repeat)
     except (ValueError, RuntimeError) as e:
-        raise pd.UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     try:
-        return pd.evaluate(agent, env, episodes, EVAL_SEED, video)
+        return pd.evaluate(agent, env, episodes, video)
     finally:
         env.close()  # MetaDrive allows one env per process
 
@@ -119,14 +106,14 @@ def evaluate_run(run: str | Path, episodes: int = 10, shift_arg: str = "all", se
     """Evaluate the run's (newest) checkpoint on ID, every shift x severity and the random policy; write
     RUN/shift_eval.json, .csv and .md; return the rows."""
     agent, args, step, ckpt = load_agent(Path(run), device)
-    run_dir = pd.run_dir_of(ckpt)
+    run_dir = runtime.run_dir_of(ckpt)
     if not shifts.shift_names(args.env):
         print(f"{args.env} has no visual shifts: evaluating in distribution only")
         shift_arg = ""
     conditions = [("none", "none")] + parse_conditions(args.env, shift_arg, severity_arg)
     video_shift = video_shift or ":".join(conditions[-1])  # default: the last (hardest) shift evaluated
     if capture_video and tuple(video_shift.split(":")) not in conditions:
-        raise pd.UsageError(f"--video-shift {video_shift} is not among the evaluated conditions; pass one of: "
+        raise UsageError(f"--video-shift {video_shift} is not among the evaluated conditions; pass one of: "
                             + ", ".join(":".join(c) for c in conditions[1:]))
     meta = dict(env=args.env, pvm=args.pvm, mode="scratch" if args.pvm == "none" else args.mode, seed=args.seed,
                 step=step)
@@ -143,7 +130,7 @@ def evaluate_run(run: str | Path, episodes: int = 10, shift_arg: str = "all", se
 
 
 def write_results(run_dir: Path, rows: list[dict], ckpt: Path):
-    (run_dir / "shift_eval.json").write_text(json.dumps(dict(checkpoint=str(ckpt), eval_seed=EVAL_SEED, rows=rows),
+    (run_dir / "shift_eval.json").write_text(json.dumps(dict(checkpoint=str(ckpt), eval_seed=pd.EVAL_SEED, rows=rows),
                                                         indent=1))
     with open(run_dir / "shift_eval.csv", "w", newline="") as f:
         w = csv.DictWriter(f, CSV_COLUMNS)
@@ -164,10 +151,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
     averages each seed over all its shifts at one severity (the plot's curve)."""
     runs = {}  # (env, encoder, seed) -> {(shift, severity): return}
     for r in rows:
-        key = (r["env"], encoder_label(r["pvm"], r["mode"]), r["seed"])
+        key = (r["env"], pd.encoder_label(r["pvm"], r["mode"]), r["seed"])
         cond = ("random", "none") if r["policy"] == "random" else (r["shift"], r["severity"])
         if cond in runs.setdefault(key, {}):
-            raise pd.UsageError(f"two results for {key[1]} seed {key[2]} on {key[0]} ({cond[0]}/{cond[1]}): "
+            raise UsageError(f"two results for {key[1]} seed {key[2]} on {key[0]} ({cond[0]}/{cond[1]}): "
                                 "pass each run's shift_eval.json once")
         runs[key][cond] = r["mean"]
     for cells in runs.values():
@@ -270,7 +257,7 @@ def read_rows(paths: list[str]) -> list[dict]:
         try:
             rows += json.loads(Path(p).read_text())["rows"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise pd.UsageError(f"{p} is not a readable shift_eval.json ({type(e).__name__}): pass the files "
+            raise UsageError(f"{p} is not a readable shift_eval.json ({type(e).__name__}): pass the files "
                                 "that `python evaluate.py RUN` writes")
     return rows
 
@@ -280,7 +267,7 @@ def read_rows(paths: list[str]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
+    with runtime.one_line_errors():
         if argv[:1] == ["aggregate"]:
             p = argparse.ArgumentParser(prog="evaluate.py aggregate", description="the paper's table across seeds")
             p.add_argument("results", nargs="+", help="shift_eval.json files (e.g. runs/*/shift_eval.json)")
@@ -299,18 +286,16 @@ def main(argv=None):
                                     epilog="python evaluate.py aggregate RESULTS.json... [--out table.md] [--plot p.png]")
         p.add_argument("run", help="a run directory or a checkpoint file")
         p.add_argument("--episodes", type=int, default=10, help="episodes per condition")
-        p.add_argument("--shifts", default="all", help="all, or a comma list: " + ", ".join(shifts.SHIFTS))
+        p.add_argument("--shifts", default="all", help="all, none (in distribution only), or a comma list: "
+                       + ", ".join(shifts.SHIFTS))
         p.add_argument("--severities", default="easy,medium,hard", help="comma list (weather also takes its names)")
         p.add_argument("--capture-video", action="store_true", help="first episode of ID and --video-shift as mp4")
         p.add_argument("--video-shift", default="", help="SHIFT:SEVERITY to film (default: the last one evaluated)")
         p.add_argument("--device", default="cpu", help="torch device: cpu | cuda | auto")
         a = p.parse_args(argv)
         if a.episodes < 1:
-            raise pd.UsageError(f"--episodes {a.episodes}: pass at least 1")
+            raise UsageError(f"--episodes {a.episodes}: pass at least 1")
         return evaluate_run(a.run, a.episodes, a.shifts, a.severities, a.capture_video, a.video_shift, a.device)
-    except pd.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import argparse
 import numpy as np
 from PIL import Image, ImageDraw
 
+import envs
 import shifts
 
 LABEL_W, HEAD_H, PAD = 74, 14, 2  # pixels: row-label column, column-header row, gap between cells
@@ -25,7 +26,7 @@ def first_frame(env_name: str, shift: str, severity: str, image_size: int, seed:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="pusher", choices=["pusher", "reacher", "metadrive", "metadrive-topdown"])
+    p.add_argument("--env", default="pusher", choices=[e for e in envs.ENV_NAMES if shifts.shift_names(e)])
     p.add_argument("--out", default="")
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)

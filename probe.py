@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import envs  # noqa: F401  (first: sets the headless-rendering variables before mujoco loads)
+import envs  # first: sets the headless-rendering variables before mujoco loads
 import pvm_dreamer as pd
+import runtime
 import shifts
+from runtime import UsageError
 
 STRIDE = 5  # agent steps between probed frames: consecutive frames are near-duplicates
 POINTMASS_BACKGROUND = 200  # envs.PointMass paints everything else this grey
@@ -63,14 +64,9 @@ def ground_truth(env, env_name: str, frame: np.ndarray, geoms: np.ndarray | None
     return mujoco_segmentation(env, geoms)
 
 
-def part_geoms(model, env_name: str) -> np.ndarray:
-    """Geom ids of shifts.PARTS (robot, object, goal): geoms of bodies named by a prefix, or geoms named exactly."""
-    import mujoco
-
-    body = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_BODY, b) or "" for b in model.geom_bodyid]
-    geom = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_GEOM, g) or "" for g in range(model.ngeom)]
-    prefixes = [p for ps in shifts.PARTS[env_name].values() for p in ps]
-    return np.array([g for g in range(model.ngeom) if any(body[g].startswith(p) or geom[g] == p for p in prefixes)])
+def task_geoms(model, env_name: str) -> np.ndarray:
+    """Geom ids of every task-relevant part (robot, object, goal), as the `color` shift finds them."""
+    return np.array(sorted({g for ids in shifts.part_geoms(model, env_name).values() for g in ids}))
 
 
 def mujoco_segmentation(env, geoms: np.ndarray) -> np.ndarray:
@@ -100,13 +96,13 @@ def mujoco_segmentation(env, geoms: np.ndarray) -> np.ndarray:
 def collect(env_name: str, shift: str, severity: str, n: int, image_size: int, seed: int):
     """n (frame, ground-truth mask) pairs under uniform-random actions, every STRIDE-th agent step."""
     if env_name.startswith("metadrive"):
-        raise pd.UsageError(f"the probe needs a ground-truth object mask and {env_name} has no segmentation render: "
+        raise UsageError(f"the probe needs a ground-truth object mask and {env_name} has no segmentation render: "
                             "unsupported; use pusher, reacher or pointmass")
     try:
         env = shifts.make_shifted_env(env_name, shift, severity, image_size=image_size, seed=seed)
     except ValueError as e:
-        raise pd.UsageError(str(e)) from None
-    geoms = part_geoms(env.unwrapped.model, env_name) if env_name in shifts.PARTS else None
+        raise UsageError(str(e)) from None
+    geoms = task_geoms(env.unwrapped.model, env_name) if env_name in shifts.PARTS else None
     frames, masks, ep = [], [], 0
     try:
         while len(frames) < n:
@@ -127,20 +123,6 @@ def collect(env_name: str, shift: str, severity: str, n: int, image_size: int, s
 # ---------------------------------------------------------------------------------------------------------
 # Attention of the PVM
 # ---------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def cls_attention(enc: pd.PVMEncoder, frames: np.ndarray) -> torch.Tensor:
-    """uint8 (N, h, w, 3) -> the last block's CLS -> patch attention per head (N, heads, g, g), on the input
-    prepared exactly as the agent prepares it (PVMEncoder.preprocess)."""
-    bb, cfg = enc.backbone, enc.backbone.config
-    bb.set_attn_implementation("eager")  # sdpa / flash attention never materialise the attention matrix
-    x = enc.preprocess(torch.as_tensor(frames, device=enc.mean.device))  # (N, 3, R, R)
-    kw = {} if enc.pvm == "dinov2" else dict(interpolate_pos_encoding=enc.image_size != cfg.image_size)
-    att = bb(pixel_values=x, output_attentions=True, **kw).attentions[-1]  # (N, heads, 1+P, 1+P)
-    skip = 1 + getattr(cfg, "num_register_tokens", 0)  # DINOv2 registers are not patches
-    g = enc.image_size // cfg.patch_size
-    return att[:, :, 0, skip:].reshape(len(frames), -1, g, g).float().cpu()  # (N, heads, g, g)
-
-
 def to_pvm_view(enc: pd.PVMEncoder, masks: np.ndarray) -> np.ndarray:
     """Boolean (N, h, w) masks -> (N, R, R) through the frames' own resize + crop (then undo mean/std, > 0.5)."""
     img = torch.as_tensor(np.repeat(masks[..., None].astype(np.uint8) * 255, 3, -1), device=enc.mean.device)
@@ -150,7 +132,7 @@ def to_pvm_view(enc: pd.PVMEncoder, masks: np.ndarray) -> np.ndarray:
 
 def probe(enc: pd.PVMEncoder, frames: np.ndarray, gt: np.ndarray, mass: float) -> dict:
     """Jaccard per frame (heads averaged) and per head (mean over frames), plus the maps for plotting."""
-    att = cls_attention(enc, frames)  # (N, heads, g, g)
+    att = enc.cls_attention(torch.as_tensor(frames, device=enc.mean.device)).float().cpu()  # (N, heads, g, g)
     up = enc.image_size // att.shape[-1]
     gt_view = to_pvm_view(enc, gt)  # (N, R, R)
     to_px = lambda m: np.kron(m, np.ones((up, up), bool))  # noqa: E731  patch mask -> pixel mask, (..., R, R)
@@ -178,18 +160,18 @@ def build_encoder(a) -> tuple[pd.PVMEncoder, str, bool]:
 
         agent, args, _, _ = evaluate.load_agent(Path(a.checkpoint), a.device)
         if args.pvm == "none":
-            raise pd.UsageError(f"{a.checkpoint} was trained with the CNN encoder: the probe needs a PVM (a ViT)")
+            raise UsageError(f"{a.checkpoint} was trained with the CNN encoder: the probe needs a PVM (a ViT)")
         if a.pvm and a.pvm != args.pvm:
-            raise pd.UsageError(f"--pvm {a.pvm} but the checkpoint's PVM is {args.pvm}: drop --pvm")
+            raise UsageError(f"--pvm {a.pvm} but the checkpoint's PVM is {args.pvm}: drop --pvm")
         if a.env != args.env or a.image_size != args.image_size:
             print(f"using the checkpoint's --env {args.env} --image-size {args.image_size}")
         a.env, a.image_size = args.env, args.image_size
         return agent.wm.encoder, args.pvm, args.pvm_random_init
     if not a.pvm:
-        raise pd.UsageError("pass --pvm dinov2|clip, or --checkpoint RUN_DIR")
-    backbone = pd.load_pvm(a.pvm, a.pvm_id or pd.PVM_DEFAULT_IDS[a.pvm], a.pvm_random_init)
+        raise UsageError("pass --pvm dinov2|clip, or --checkpoint RUN_DIR")
+    backbone = pd.load_pvm(a.pvm, pd.pvm_source(a.pvm, a.pvm_id), a.pvm_random_init)
     enc = pd.PVMEncoder(backbone, a.pvm, "frozen", 1, a.pvm_image_size, out_dim=8, token_dim=1)
-    return enc.to(pd.resolve_device(a.device)), a.pvm, a.pvm_random_init
+    return enc.to(runtime.resolve_device(a.device)), a.pvm, a.pvm_random_init
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,12 +211,12 @@ def save_grid(results: dict, path: str, title: str, rows: int = 4):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="probe.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pvm", choices=["dinov2", "clip"], default="", help="the PVM (implied by --checkpoint)")
+    p.add_argument("--pvm", choices=[p for p in pd.PVMS if p != "none"], default="",
+                   help="the PVM (implied by --checkpoint)")
     p.add_argument("--pvm-id", default="", help="Hugging Face id or local dir (default: the paper's model)")
     p.add_argument("--pvm-random-init", action="store_true", help="RANDOM weights of the architecture (tests)")
     p.add_argument("--checkpoint", default="", help="a run dir or checkpoint: probe the agent's own backbone")
-    p.add_argument("--env", default="pusher", choices=["pusher", "reacher", "pointmass", "metadrive",
-                                                         "metadrive-topdown"])
+    p.add_argument("--env", default="pusher", choices=envs.ENV_NAMES)
     p.add_argument("--shift", default="none", help="also probe under this shift (shifts.py), e.g. table")
     p.add_argument("--severity", default="hard", help="the shift's severity: easy | medium | hard")
     p.add_argument("--frames", type=int, default=20, help="frames per condition")
@@ -245,9 +227,9 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="probe.png", help="PNG grid; the numbers go to the same name .json")
     a = p.parse_args(argv)
-    try:
+    with runtime.one_line_errors():
         if not 0 < a.mass <= 1 or a.frames < 1:
-            raise pd.UsageError(f"--mass {a.mass} must be in (0, 1] and --frames {a.frames} at least 1")
+            raise UsageError(f"--mass {a.mass} must be in (0, 1] and --frames {a.frames} at least 1")
         torch.manual_seed(a.seed)  # a --pvm-random-init model is then the same on every call
         enc, pvm, random_init = build_encoder(a)
         conds = [("none", "none")] + ([(a.shift, a.severity)] if a.shift != "none" else [])
@@ -255,11 +237,8 @@ def main(argv=None):
         for shift, sev in conds:
             frames, gt = collect(a.env, shift, sev, a.frames, a.image_size, a.seed)
             if not gt.any():
-                raise pd.UsageError(f"the ground-truth mask is empty on {a.env}: the objects are out of view")
+                raise UsageError(f"the ground-truth mask is empty on {a.env}: the objects are out of view")
             results["ID" if shift == "none" else f"{shift}:{sev}"] = probe(enc, frames, gt, a.mass)
-    except pd.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     name = a.checkpoint or pvm + (f" ({a.pvm_id})" if a.pvm_id else "")
     label = f"{name}{' RANDOM WEIGHTS' if random_init else ''} on {a.env}"
     for cond, r in results.items():

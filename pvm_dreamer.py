@@ -3,7 +3,9 @@
 One file, read top to bottom, in the order data flows:
   Args -> math (symlog, two-hot, lambda-returns, return normaliser) -> replay -> encoders (CNN | DINOv2 | CLIP,
   frozen / partial / full) -> world model (RSSM, decoder, reward and continue heads) -> actor-critic in
-  imagination -> one training step -> acting, evaluation, checkpoints -> main loop.
+  imagination -> one training step -> acting and evaluation -> what a checkpoint holds -> main loop.
+It imports its companions envs.py (pixel envs) and runtime.py (checkpoint files, run lock, logging, signals,
+one-line CLI errors); the scripts (evaluate.py, probe.py, bench.py, sweep.py) import it, never the reverse.
 
   python pvm_dreamer.py                                            # CNN baseline on MuJoCo Pusher, no download
   python pvm_dreamer.py --pvm dinov2 --mode partial --env metadrive # the paper's flagship setting
@@ -21,7 +23,8 @@ Deviations from [D3]/[PVM]; each is marked `# differs from paper:` where it live
   - Strided 4x4 convolutions in the CNN (as DreamerV3 v1) instead of stride-1 convs + pooling: ~4x cheaper.
   - Two-hot bins live in symlog space (as the DreamerV3 paper describes it).
   - Defaults sized for a CPU (`--size small`, 64x64 images); the paper ran size200m at 224x224.
-  - DINOv2 patch tokens pass a learned per-token projection before being flattened (see PVMEncoder).
+  - A learned projection to the embedding width E after the PVM: per patch token for DINOv2, and a Linear
+    for CLIP's pooled output (see PVMEncoder).
 Left out, for readability: the replay-value loss (`repval`), replay context / latent replay, prioritised
 replay, parallel environments, and distributed actors. `# ABLATION POINT:` marks the knobs worth forking.
 
@@ -32,22 +35,13 @@ E embedding, P image patches, W PVM width, A action dims, K two-hot bins.
 from __future__ import annotations
 
 import copy
-import ctypes
-import hashlib
-import io
-import json
-import math
 import os
-import random
 import shlex
-import signal
-import socket
-import sys
 import time
-from contextlib import closing, redirect_stderr
-from dataclasses import asdict, dataclass, field
+from contextlib import closing
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, get_args, get_type_hints
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -55,15 +49,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import envs
-
-
-class UsageError(Exception):
-    """A mistake in the command line or the files it names: printed as one line, exit code 2, no traceback."""
+import runtime
+from runtime import UsageError
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------
+PVM = Literal["none", "dinov2", "clip"]  # the image encoder: none = the from-scratch CNN
+Mode = Literal["frozen", "partial", "full"]  # how a PVM is fine-tuned
+PVMS, MODES = get_args(PVM), get_args(Mode)
+
+
+def encoder_label(pvm: str, mode: str) -> str:
+    """How runs, sweeps and result tables name an encoder: cnn, or PVM-MODE (the CNN has no mode)."""
+    return "cnn" if pvm == "none" else f"{pvm}-{mode}"
+
+
 @dataclass
 class Args:
     # --- experiment
@@ -80,20 +82,20 @@ class Args:
     resume: str = ""
     """a run directory (continues from its newest intact checkpoint) or a checkpoint file; same flags as the
     original run (--total-steps may grow)"""
-    eval_only: bool = False
-    """with --resume: load the checkpoint, run --eval-episodes evaluation episodes, write eval_STEP.json, exit"""
 
     # --- encoder: a from-scratch CNN or a pre-trained vision model
-    pvm: Literal["none", "dinov2", "clip"] = "none"
+    pvm: PVM = "none"
     """image encoder: none = DreamerV3's CNN trained from scratch (the baseline); dinov2 | clip = a PVM"""
     pvm_id: str = ""
     """Hugging Face model id or local directory; empty = the paper's model (dinov2-small / clip-vit-base-patch32)"""
     pvm_random_init: bool = False
     """build the PVM architecture with RANDOM weights (offline tests and timing only; not a pre-trained model)"""
-    mode: Literal["frozen", "partial", "full"] = "partial"
+    mode: Mode = "partial"
     """PVM fine-tuning: frozen = no gradient reaches it; partial = only the last k blocks train; full = all train"""
     finetune_blocks: int = 4
-    """k for --mode partial: the last k transformer blocks (+ final norm) train ([PVM]: 4 of 12)"""
+    """k for --mode partial: the last k transformer blocks train ([PVM]: 4 of 12)"""
+    finetune_norm: bool = False
+    """--mode partial: also train the ViT's final layernorm ([PVM] keeps it frozen)"""
     encoder_lr_scale: float = 0.1
     """fine-tuned PVM parameters learn at wm_lr * this ([PVM]: 0.1)"""
     pvm_image_size: int = 224
@@ -102,7 +104,8 @@ class Args:
     """DINOv2 only: width each patch token is projected to before flattening (see PVMEncoder)"""
     feature_cache: bool = True
     """frozen/partial: run the frozen part of the PVM once per frame, when it enters replay, and train on its
-    stored (fp16) output instead of re-encoding every replayed frame ~train-ratio times (same maths)"""
+    stored output instead of re-encoding every replayed frame ~train-ratio times (the same maths up to the
+    fp16 rounding of the stored features)"""
     feature_cache_gb: float = 4.0
     """memory budget of the feature cache (replay-size x bytes per frame); above it the cache is switched off"""
 
@@ -143,8 +146,6 @@ class Args:
     """write the first evaluation episode of each evaluation to RUN/videos/*.mp4"""
     log_every: int = 1_000
     """agent steps between logged averages of the training losses"""
-    eval_shifts: bool = False
-    """at the end of training, evaluate the final agent under every shift x severity (see evaluate.py)"""
 
     # --- DreamerV3 hyperparameters ([D3] defaults unless marked)
     wm_lr: float = 1e-4  # differs from paper: latest code uses 4e-5 with LaProp; 1e-4 is the paper's Adam rate
@@ -243,10 +244,20 @@ def lambda_return(reward, disc, value, lam):
     return torch.stack(out[::-1])  # (H, N)
 
 
+def imagination_weight(cont: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Weight of imagined steps 0..H-1 in the actor-critic losses: the discounted probability that the episode
+    still runs there, w_t = c_0 * prod_{i=1..t} gamma * c_i, as [D3]'s `imag_loss` (cumprod(disc * con) / disc).
+    cont: (H+1, N) continue probabilities of states 0..H, c_0 that of the posterior start state, so a start
+    that is already terminal weighs nothing. Returns (H, N)."""
+    assert cont.dim() == 2 and cont.shape[0] >= 2, cont.shape
+    return torch.cumprod(torch.cat([cont[:1], gamma * cont[1:-1]]), 0)
+
+
 class ReturnNorm(nn.Module):
     """Scale advantages by the 5th-95th percentile range of returns, but never amplify (scale >= 1).
     EMA of the percentiles (rate 0.01). Mirrors `retnorm` (impl perc) in [D3]; state lives in buffers so it
-    is checkpointed with the agent."""
+    is checkpointed with the agent.
+    # ABLATION POINT: the return normaliser (e.g. no normalisation: scale() = 1)"""
 
     def __init__(self, rate=0.01, limit=1.0, lo=5.0, hi=95.0):
         super().__init__()
@@ -413,7 +424,14 @@ class CNNEncoder(nn.Module):
         return self.net(x).reshape(*obs.shape[:-3], self.out_dim)  # (..., E)
 
 
-PVM_DEFAULT_IDS = {"dinov2": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch32"}
+PVM_DEFAULT_IDS = {"dinov2": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch32"}  # [PVM]'s models
+
+
+def pvm_source(pvm: str, pvm_id: str = "") -> str:
+    """The Hugging Face id or local directory a PVM loads from: --pvm-id, else the paper's model."""
+    return pvm_id or PVM_DEFAULT_IDS[pvm]
+
+
 # Architectures of well-known checkpoints, so --pvm-random-init builds them offline (no config download), with
 # the same parameter shapes as the real weights (DINOv2 was trained with 37x37 position embeddings, image 518).
 PVM_ARCHS = {
@@ -461,7 +479,7 @@ def load_pvm(pvm: str, pvm_id: str, random_init: bool) -> nn.Module:
     fix = (f"download it on a machine with internet (it is cached under HF_HOME, now "
            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}), or pass a local directory with --pvm-id, "
            "or use --pvm-random-init for an untrained model of the same architecture")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not runtime.hub_reachable():
         raise UsageError(f"PVM weights '{pvm_id}' are not cached and the Hugging Face Hub is unreachable: {fix}")
     try:  # 2) download
         return model_cls.from_pretrained(pvm_id)
@@ -469,30 +487,26 @@ def load_pvm(pvm: str, pvm_id: str, random_init: bool) -> nn.Module:
         raise UsageError(f"cannot load PVM '{pvm_id}' ({str(e).splitlines()[0]}): check the id, or {fix}")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connect instead of huggingface_hub's ~20 s of retries when the machine is offline."""
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 class PVMEncoder(nn.Module):
     """A pre-trained ViT (DINOv2 or CLIP) as the world model's image encoder, in one of three modes:
       frozen:  no parameter of the ViT trains; it runs under no_grad in eval mode.
-      partial: only the last k blocks and the final norm train; the prefix (embeddings + first L-k blocks)
-               runs under no_grad, so no activation of it is kept for backward.
+      partial: only the last k blocks train (as [PVM]: blocks 8-11 of 12; the final layernorm stays frozen
+               unless finetune_norm); the prefix (embeddings + first L-k blocks) runs under no_grad, so no
+               activation of it is kept for backward.
       full:    every ViT parameter trains.
     Features ([PVM]): DINOv2 -> the final-norm patch tokens (no CLS); CLIP -> `pooler_output` (the
-    post-layernorm CLS token). [PVM] flattens DINOv2-S's 256x384 tokens into a 98k-wide input of the posterior
-    MLP; we choose a learned per-token projection to `token_dim` first (256 x 16 = 4k), then a linear map to
-    E: it keeps every patch's position (control needs *where*), and costs 4M instead of 100M parameters.
-    Both paths end in RMSNorm + SiLU, as [PVM]'s encoder output does."""
+    post-layernorm CLS token). Both then pass a learned projection to E, the CNN's embedding width, and end
+    in RMSNorm + SiLU, as [PVM]'s encoder output does. differs from paper, in the projection:
+      DINOv2: [PVM] flattens DINOv2-S's 256x384 tokens into a 98k-wide input of the posterior MLP; we project
+              each token to `token_dim` first (256 x 16 = 4k), then linearly to E: every patch's position is
+              kept (control needs *where*), at 4M instead of 100M parameters.
+      CLIP:   [PVM] normalises the 768-wide pooled output directly; we add a Linear(768 -> E) first, so that
+              every encoder hands the RSSM an equally wide embedding and an ablation changes only the encoder
+              (0.8M parameters at E=1024, trained with the world model).
+    # ABLATION POINT: the features (patch tokens / pooled output) and their projection to E"""
 
     def __init__(self, backbone: nn.Module, pvm: str, mode: str, finetune_blocks: int, image_size: int,
-                 out_dim: int, token_dim: int):
+                 out_dim: int, token_dim: int, finetune_norm: bool = False):
         super().__init__()
         self.backbone, self.pvm, self.mode, self.k, self.image_size = backbone, pvm, mode, finetune_blocks, image_size
         cfg = backbone.config
@@ -507,19 +521,19 @@ class PVMEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(norm["std"]).view(1, 3, 1, 1), persistent=False)
         self.crop_ratio = norm["crop_ratio"]
         width = cfg.hidden_size
+        self.skip = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS (+ DINOv2's registers) precede the patches
         if pvm == "dinov2":
             patches = (image_size // cfg.patch_size) ** 2
-            self.skip = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS (+ registers) precede the patches
             self.proj = nn.Sequential(nn.Linear(width, token_dim), nn.Flatten(-2), nn.Linear(patches * token_dim, out_dim))
         else:
             self.proj = nn.Linear(width, out_dim)
         self.out = nn.Sequential(nn.RMSNorm(out_dim, eps=1e-4), nn.SiLU())
         self.out_dim = out_dim
-        # Which ViT parameters train: this is the frozen / partial / full switch.
+        # ABLATION POINT: which ViT parameters train, the frozen / partial / full switch.
         for p in backbone.parameters():
             p.requires_grad_(mode == "full")
         if mode == "partial":
-            for m in [*self.blocks[depth - finetune_blocks:], self.final_norm]:
+            for m in [*self.blocks[depth - finetune_blocks:], *([self.final_norm] if finetune_norm else [])]:
                 for p in m.parameters():
                     p.requires_grad_(True)
         self.backbone.eval()
@@ -574,7 +588,7 @@ class PVMEncoder(nn.Module):
             return self._head(h) if k == 0 else h
 
     def suffix(self, h: torch.Tensor) -> torch.Tensor:
-        """The trained part: the last k blocks and the final norm; identity when frozen."""
+        """The trained part: the last k blocks, then the final norm; identity when frozen."""
         k = self.trained_blocks
         if k == 0:
             return h
@@ -589,13 +603,28 @@ class PVMEncoder(nn.Module):
         """uint8 (N, h, w, 3) -> DINOv2 patch tokens (N, P, W) or CLIP pooled output (N, W)."""
         return self.suffix(self.prefix(obs))
 
+    @torch.no_grad()
+    def cls_attention(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, h, w, 3) -> the last block's CLS -> patch attention per head (N, heads, g, g), on the input
+        as the agent prepares it (probe.py's segmentation probe). sdpa never materialises the attention
+        matrix, so the backbone runs with eager attention here and gets its own back after."""
+        cfg, attn = self.backbone.config, self.backbone.config._attn_implementation
+        kw = {} if self.pvm == "dinov2" else dict(interpolate_pos_encoding=self.image_size != cfg.image_size)
+        self.backbone.set_attn_implementation("eager")
+        try:
+            att = self.backbone(pixel_values=self.preprocess(obs), output_attentions=True, **kw).attentions[-1]
+        finally:
+            self.backbone.set_attn_implementation(attn)
+        g = self.image_size // cfg.patch_size
+        return att[:, :, 0, self.skip:].reshape(len(obs), -1, g, g)  # (N, heads, g, g)
+
     def prefix_shape(self) -> tuple[int, ...]:
         """Per-frame shape of `prefix`'s output: what the feature cache stores."""
         cfg, width = self.backbone.config, self.backbone.config.hidden_size
         patches = (self.image_size // cfg.patch_size) ** 2
         if self.trained_blocks == 0:
             return (patches, width) if self.pvm == "dinov2" else (width,)
-        return ((self.skip if self.pvm == "dinov2" else 1) + patches, width)
+        return (self.skip + patches, width)
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:  # (N, P, W) | (N, W) -> (N, E)
         return self.out(self.proj(feats))
@@ -614,11 +643,10 @@ def make_encoder(args: Args) -> nn.Module:
     depth = SIZES[args.size]["depth"]
     if args.pvm == "none":
         return CNNEncoder(args.image_size, depth)
-    pvm_id = args.pvm_id or PVM_DEFAULT_IDS[args.pvm]
-    backbone = load_pvm(args.pvm, pvm_id, args.pvm_random_init)
+    backbone = load_pvm(args.pvm, pvm_source(args.pvm, args.pvm_id), args.pvm_random_init)
     # E equals the CNN's output width at this size, so both encoders feed the posterior equally wide inputs.
     return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size,
-                      cnn_embed_dim(args.image_size, depth), args.pvm_token_dim)
+                      cnn_embed_dim(args.image_size, depth), args.pvm_token_dim, args.finetune_norm)
 
 
 def feature_cache_shape(encoder: nn.Module, args: Args) -> tuple | None:
@@ -791,6 +819,7 @@ class WorldModel(nn.Module):
                 self.cont(feat).squeeze(-1), 1.0 - batch["is_terminal"].float(), reduction="none"),
             # KL balancing with free bits ([D3] eq. 5): the prior moves toward the posterior (dyn) faster than
             # the posterior toward the prior (rep); below free_nats neither is pushed further.
+            # ABLATION POINT: the KL balance (--dyn-scale / --rep-scale) and free bits (--free-nats)
             "dyn": categorical_kl(post.detach(), prior).clamp(min=self.free_nats),  # stop-grad: trains prior only
             "rep": categorical_kl(post, prior.detach()).clamp(min=self.free_nats),  # stop-grad: trains posterior
         }
@@ -853,12 +882,12 @@ class Dreamer(nn.Module):
         critic_logits = self.critic(feats)  # (H+1, N, K)
         with torch.set_grad_enabled(backprop):
             reward = twohot_mean(self.wm.reward(feats[1:]), bins)  # (H, N)
-            disc = (1 - 1 / a.horizon) * torch.sigmoid(self.wm.cont(feats[1:]).squeeze(-1))  # (H, N)
+            cont = torch.sigmoid(self.wm.cont(feats).squeeze(-1))  # (H+1, N), the start state's included
+            disc = (1 - 1 / a.horizon) * cont[1:]  # (H, N)
             value = twohot_mean(critic_logits if backprop else critic_logits.detach(), bins)  # (H+1, N)
             ret = lambda_return(reward, disc, value, a.lam)  # (H, N)
         with torch.no_grad():
-            # Weight of each imagined step: the probability that the episode is still running there.
-            weight = torch.cumprod(torch.cat([torch.ones_like(disc[:1]), disc[:-1]]), 0).detach()  # (H, N)
+            weight = imagination_weight(cont, 1 - 1 / a.horizon)  # (H, N); a terminal start weighs ~0
             scale = self.retnorm.update(ret)
             slow = twohot_mean(self.slow_critic(feats[:-1]), bins)  # (H, N)
         dist = actor_dist(actor_out)
@@ -904,14 +933,16 @@ def encoder_summary(agent: Dreamer, args: Args) -> str:
     trainable = count(p for p in enc.parameters() if p.requires_grad)
     frozen = count(p for p in enc.parameters() if not p.requires_grad)
     name = "cnn (from scratch)" if args.pvm == "none" else (
-        f"{args.pvm} '{args.pvm_id or PVM_DEFAULT_IDS[args.pvm]}' mode={args.mode}"
-        + (f" (last {args.finetune_blocks} of {len(enc.blocks)} blocks + final norm)" if args.mode == "partial" else ""))
+        f"{args.pvm} '{pvm_source(args.pvm, args.pvm_id)}' mode={args.mode}"
+        + (f" (last {args.finetune_blocks} of {len(enc.blocks)} blocks{' + final norm' * args.finetune_norm})"
+           if args.mode == "partial" else ""))
     return (f"encoder: {name}: {trainable / 1e6:.2f}M trainable / {frozen / 1e6:.2f}M frozen params; "
             f"whole agent {count(agent.parameters()) / 1e6:.2f}M")
 
 
 def wm_loss_scales(args: Args) -> dict:
-    """Weights of the world-model losses ([D3] `loss_scales`): reconstruction, reward, continue, KL terms."""
+    """Weights of the world-model losses ([D3] `loss_scales`): reconstruction, reward, continue, KL terms.
+    # ABLATION POINT: the loss scales (e.g. rec=0 drops reconstruction, as a PVM might allow)"""
     return dict(rec=1.0, rew=1.0, con=1.0, dyn=args.dyn_scale, rep=args.rep_scale)
 
 
@@ -954,7 +985,7 @@ def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Acting and evaluation
+# Acting: the env side of the loop, and the one evaluation that every reported return comes from
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def act(agent: Dreamer, obs: np.ndarray, state, is_first: bool, explore: bool, prefix=None):
@@ -991,24 +1022,64 @@ def initial_state(agent: Dreamer):
     return deter, stoch, torch.zeros(1, agent.action_dim, device=device)
 
 
-def evaluate(agent: Dreamer | None, env, episodes: int, seed: int, video_path: str = "") -> np.ndarray:
-    """Returns of `episodes` episodes with the policy's mean action (agent=None: uniform random actions,
-    the baseline of the drop metric). Episode i is reset with seed + i, so every policy sees the same starts."""
+class Collector:
+    """The loop's env side: steps one env with the exploring policy (or uniform-random actions), puts every
+    frame into the replay and carries the agent's recurrent state. An ended episode is reset lazily, at the next
+    step: a checkpoint taken at an episode's end then holds the env's RNG from before that reset, so a run
+    resumed from it continues exactly as the uninterrupted run would have."""
+
+    def __init__(self, agent: Dreamer, env, replay: Replay):
+        self.agent, self.env, self.replay, self.done = agent, env, replay, True
+
+    def reset(self, seed: int | None = None):
+        self.obs, _ = self.env.reset(seed=seed)
+        # Row 0 of an episode: no action led to it (prevact 0), no reward, is_first.
+        self.prefix = add_frame(self.replay, self.agent, self.obs, np.zeros(self.agent.action_dim), 0.0, True, False)
+        self.state, self.is_first, self.done, self.ep_return, self.ep_len = initial_state(self.agent), True, False, 0.0, 0
+
+    def step(self, random_action: bool) -> bool:
+        """One agent step; True when it ended the episode (ep_return and ep_len then hold its totals)."""
+        if self.done:
+            self.reset()
+        if random_action:
+            action = self.env.action_space.sample()
+        else:
+            action, self.state = act(self.agent, self.obs, self.state, self.is_first, explore=True, prefix=self.prefix)
+        self.obs, reward, terminated, truncated, _ = self.env.step(action)
+        self.prefix = add_frame(self.replay, self.agent, self.obs, action, reward, False, terminated)
+        self.is_first, self.ep_return, self.ep_len = False, self.ep_return + float(reward), self.ep_len + 1
+        self.done = terminated or truncated
+        return self.done
+
+
+EVAL_SEED = 20_000  # evaluation episode i starts from reset(seed=EVAL_SEED + i): not a training seed, the same
+# starts for every agent, every checkpoint and every shift (evaluate.py uses this function and this constant).
+
+
+def evaluate(agent: Dreamer | None, env, episodes: int, video_path: str = "") -> np.ndarray:
+    """Returns of `episodes` episodes with the policy's mean action (agent=None: uniform random actions, the
+    baseline of the drop metric). Episode i is reset with EVAL_SEED + i, and the random streams that acting
+    draws from (torch's, for the latent samples, and the action space's) are seeded with EVAL_SEED inside and
+    restored after: a result does not depend on when it was measured, and a training run's streams are untouched.
+    reset(seed=...) reseeds the env's own generator, so pass an env that is not collecting training data."""
     returns, frames = [], []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        state = initial_state(agent) if agent is not None else None
-        done, is_first, total = False, True, 0.0
-        while not done:
-            if video_path and ep == 0:
-                frames.append(obs)
-            if agent is None:
-                action = env.action_space.sample()
-            else:
-                action, state = act(agent, obs, state, is_first, explore=False)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total, is_first, done = total + float(reward), False, terminated or truncated
-        returns.append(total)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(EVAL_SEED)
+        env.action_space.seed(EVAL_SEED)
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=EVAL_SEED + ep)
+            state = initial_state(agent) if agent is not None else None
+            done, is_first, total = False, True, 0.0
+            while not done:
+                if video_path and ep == 0:
+                    frames.append(obs)
+                if agent is None:
+                    action = env.action_space.sample()
+                else:
+                    action, state = act(agent, obs, state, is_first, explore=False)
+                obs, reward, terminated, truncated, _ = env.step(action)
+                total, is_first, done = total + float(reward), False, terminated or truncated
+            returns.append(total)
     if frames:
         import imageio
 
@@ -1018,257 +1089,52 @@ def evaluate(agent: Dreamer | None, env, episodes: int, seed: int, video_path: s
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints: RUN/checkpoints/ckpt_STEP.pt, the newest --keep-checkpoints of them, each verifiable on its own
+# Checkpoints: what a resumed run needs (the file format, atomic writes and lookup live in runtime.py)
 # ---------------------------------------------------------------------------------------------------------
-CHECKPOINT_FORMAT = 2  # 2: checkpoints/ckpt_STEP.pt with a sha256 trailer, loop counters and the env's RNG
-# Flags that define the networks: a checkpoint only loads into a run with the same values.
-ARCH_FLAGS = ("env", "pvm", "pvm_id", "mode", "finetune_blocks", "size", "image_size", "pvm_image_size",
-              "pvm_token_dim", "action_repeat")
-# After torch's zip archive (whose reader ignores trailing bytes) comes this line with the sha256 of the archive.
-# torch.load notices a truncated file but not a flipped byte inside a tensor; the checksum notices both.
-TRAILER, TRAILER_LEN = b"\npvm-dreamer sha256 ", len(b"\npvm-dreamer sha256 ") + 64 + 1
+# Flags that define the networks and their optimisers: a checkpoint only loads into a run with the same values.
+ARCH_FLAGS = ("env", "pvm", "pvm_id", "mode", "finetune_blocks", "finetune_norm", "size", "image_size",
+              "pvm_image_size", "pvm_token_dim", "action_repeat")
 
 
-class CorruptCheckpoint(Exception):
-    """A checkpoint file that is truncated, altered or unreadable; the message says which."""
-
-
-@dataclass
-class Progress:
-    """The training loop's counters. Saved in every checkpoint, so a resumed run trains, logs, evaluates and
-    checkpoints on the schedule the interrupted run would have kept."""
-    step: int = 0  # agent steps taken
-    updates: int = 0  # train_step calls
-    updates_due: float = 0.0  # the fraction of an update owed at --train-ratio
-    next_log: int = 0
-    next_eval: int = 0
-    next_ckpt: int = 0
-    last_eval: int = -1  # step of the newest evaluation (the final one is skipped if it is this step)
-    train_metrics: dict = field(default_factory=dict)  # losses of the updates since the last log row
-
-
-class _HashingWriter:
-    """Hashes what torch.save writes as it goes: the checksum costs no second pass over the file."""
-
-    def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
-
-    def write(self, b):
-        self.sha.update(b)
-        return self.f.write(b)
-
-    def flush(self):
-        self.f.flush()
-
-
-def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest first (the step is zero-padded, so names sort by step)."""
-    return sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
-
-
-def checkpoint_state(agent, opt, replay, env, progress: Progress, args: Args) -> dict:
+def checkpoint_state(agent: Dreamer, opt: dict, replay: Replay, env, progress: runtime.Progress, args: Args) -> dict:
     """Everything a resumed run needs. The return normaliser and the slow critic are buffers/modules of the
-    agent, so agent.state_dict() holds them."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-               action_space=env.action_space.np_random.bit_generator.state,  # the random prefill's actions
-               env=env.np_random.bit_generator.state)  # the next reset's start state
-    return dict(format=CHECKPOINT_FORMAT, args=asdict(args), **asdict(progress), agent=agent.state_dict(),
-                opt={k: o.state_dict() for k, o in opt.items()}, rng=rng,
+    agent, so agent.state_dict() holds them; the env's generators give the next reset's start state."""
+    return dict(args=asdict(args), **asdict(progress), agent=agent.state_dict(),
+                opt={k: o.state_dict() for k, o in opt.items()}, rng=dict(runtime.rng_states(), env=envs.rng_state(env)),
                 replay=replay.state_dict() if args.checkpoint_replay else None)
 
 
-def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
-    """Write atomically (tmp file, fsync, rename, fsync the directory), then delete all but the newest `keep`.
-    A crash at any point leaves the previous checkpoints intact and at most a stale ckpt.tmp behind."""
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    path, tmp = ckpt_dir / f"ckpt_{state['step']:09d}.pt", ckpt_dir / "ckpt.tmp"
-    with open(tmp, "wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(state, writer)
-        f.write(TRAILER + writer.sha.hexdigest().encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    if os.environ.get("PVM_DREAMER_TEST_SLOW_SAVE"):  # test hook: seconds to wait here, so a test can kill
-        time.sleep(float(os.environ["PVM_DREAMER_TEST_SLOW_SAVE"]))  # the process between write and rename
-    os.replace(tmp, path)
-    fd = os.open(ckpt_dir, os.O_RDONLY)  # the rename is durable only once the directory entry is on disk
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    for old in checkpoint_paths(run_dir)[:-keep]:
-        old.unlink()
-    return path
-
-
-def read_checkpoint(path: Path) -> dict:
-    """torch.load, after checking the file's sha256 trailer; raises CorruptCheckpoint with the reason."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        f.seek(max(0, size - TRAILER_LEN))
-        tail = f.read()
-        if len(tail) != TRAILER_LEN or not tail.startswith(TRAILER):
-            raise CorruptCheckpoint("no checksum line at its end: truncated")
-        f.seek(0)
-        sha, left = hashlib.sha256(), size - TRAILER_LEN
-        while left:
-            chunk = f.read(min(left, 1 << 24))
-            sha.update(chunk)
-            left -= len(chunk)
-    if sha.hexdigest().encode() != tail[len(TRAILER):-1]:
-        raise CorruptCheckpoint("sha256 mismatch: its bytes changed after it was written")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CorruptCheckpoint(f"torch.load failed: {type(e).__name__}") from None
-
-
-def check_checkpoint(state, path: Path, args: Args) -> dict:
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"checkpoint {path} is not a pvm-dreamer format-{CHECKPOINT_FORMAT} checkpoint: "
-                         "continue it with the version that wrote it, or start a new run")
-    diff = {k: state["args"].get(k) for k in ARCH_FLAGS if state["args"].get(k) != getattr(args, k)}
+def load_checkpoint(path: Path, args: Args, fix_corrupt: bool = False) -> dict:
+    """The state of --resume PATH (a file, or a run directory's newest intact checkpoint), if it was trained
+    with the same ARCH_FLAGS as `args`; otherwise one line naming the flags to rerun with."""
+    ckpt, state = runtime.find_checkpoint(path, fix_corrupt)
+    diff = {k: state["args"].get(k, False) for k in ARCH_FLAGS if state["args"].get(k, False) != getattr(args, k)}
     if diff:
         flags = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in diff.items())
-        raise UsageError(f"checkpoint {path} was trained with other settings; rerun with {flags}")
+        raise UsageError(f"checkpoint {ckpt} was trained with other settings; rerun with {flags}")
     return state
 
 
-def run_dir_of(path: Path) -> Path:
-    """The run directory of a --resume argument: itself, or the run that holds the checkpoint file."""
-    if path.is_dir():
-        return path
-    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-
-
-def newest_intact(run_dir: Path, fix_corrupt: bool = False) -> tuple[Path, dict] | None:
-    """The newest checkpoint of a run that reads back intact, as (path, state); None if the run has none.
-    Newer corrupt ones are skipped, each reported in one line and, with fix_corrupt, renamed to *.corrupt
-    (never deleted) so that pruning and later resumes pass them by."""
-    corrupt = []
-    for ckpt in reversed(checkpoint_paths(run_dir)):
-        try:
-            state = read_checkpoint(ckpt)
-        except CorruptCheckpoint as e:
-            corrupt.append((ckpt, e))
-            continue
-        for bad, e in corrupt:
-            print(f"checkpoint {bad} is corrupt ({e}); using {ckpt.name}", file=sys.stderr)
-            if fix_corrupt:
-                bad.rename(bad.with_name(bad.name + ".corrupt"))
-        return ckpt, state
-    if corrupt:
-        raise UsageError(f"every checkpoint in {run_dir}/checkpoints is corrupt (first: {corrupt[0][1]}); "
-                         "start a new run")
-    return None
-
-
-def load_checkpoint(path: Path, args: Args, fix_corrupt: bool = False) -> dict:
-    """The state of --resume PATH: a file as named, a run directory's newest intact checkpoint."""
-    legacy = f"{run_dir_of(path)}/checkpoint.pt is a format-1 checkpoint of an older pvm-dreamer: continue " \
-             "that run with the version that wrote it, or start a new run"
-    if path.is_file():
-        if path.name == "checkpoint.pt":
-            raise UsageError(legacy)
-        try:
-            return check_checkpoint(read_checkpoint(path), path, args)
-        except CorruptCheckpoint as e:
-            raise UsageError(f"checkpoint {path} is corrupt ({e}): pass its run directory to use the newest "
-                             "intact one") from None
-    if not path.is_dir():
-        raise UsageError(f"--resume {path}: no such run directory or checkpoint file")
-    found = newest_intact(path, fix_corrupt)
-    if found:
-        return check_checkpoint(found[1], found[0], args)
-    if (path / "checkpoint.pt").is_file():
-        raise UsageError(legacy)
-    raise UsageError(f"{path} holds no checkpoints/ckpt_*.pt (a run stopped before its first checkpoint cannot "
-                     "be continued): pass a run directory, or delete it and start again")
+def restore(state: dict, agent: Dreamer, opt: dict, replay: Replay, env, device) -> runtime.Progress:
+    agent.load_state_dict(state["agent"])
+    for k, o in opt.items():
+        o.load_state_dict(state["opt"][k])
+    if state["replay"] is not None and not replay.load_state_dict(state["replay"]):
+        replay.fill_cache(agent.wm.encoder, device)  # saved without --feature-cache: compute it once
+    rng = state["rng"]
+    runtime.set_rng_states(rng)
+    if "np_random" not in rng["env"]:  # written before envs.rng_state existed
+        rng["env"] = dict(np_random=rng["env"], action_space=rng["action_space"])
+    envs.set_rng_state(env, rng["env"])
+    return runtime.Progress.from_state(state)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Main loop: collect -> replay -> train at --train-ratio, with logging, evaluation and checkpoints
 # ---------------------------------------------------------------------------------------------------------
-class Logger:
-    """TensorBoard (runs/<name>, as CleanRL) plus metrics.jsonl, one JSON row per logged step."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.jsonl = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.jsonl.exists():
-            # Rows up to the checkpoint were written before it; later ones (and a half-written last line) belong
-            # to the interrupted run, which the resumed run replays. Rewritten via a tmp file: a kill loses nothing.
-            rows = [r for r in self.jsonl.read_text().splitlines() if _row_step(r) <= resume_step]
-            tmp = self.jsonl.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
-            os.replace(tmp, self.jsonl)
-        # purge_step hides TensorBoard events at steps >= it that the interrupted run logged after the checkpoint.
-        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
-
-    def log(self, step: int, metrics: dict):
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-    def sync(self):
-        """Put every row on disk before a checkpoint that claims them (else a power cut could lose rows)."""
-        self.writer.flush()
-        if self.jsonl.exists():
-            with open(self.jsonl, "a") as f:
-                os.fsync(f.fileno())
-
-    def close(self):
-        self.writer.close()
-
-
-def _row_step(row: str) -> float:
-    try:
-        return json.loads(row)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")  # a line cut short by a kill
-
-
-def summarize(run_dir: Path) -> str:
-    """What a run learned, from its metrics.jsonl: evaluation returns vs the random policy, world-model loss."""
-    path = run_dir / "metrics.jsonl"  # absent when no episode ended and nothing was evaluated
-    rows = [json.loads(r) for r in path.read_text().splitlines() if r] if path.exists() else []
-    pick = lambda key: [r for r in rows if key in r]  # noqa: E731
-    lines = [f"eval return at step {r['step']}: {r['eval/return_mean']:.2f} +- {r['eval/return_std']:.2f}"
-             for r in pick("eval/return_mean")]
-    for r in pick("eval/random_return_mean")[:1]:
-        lines.append(f"random policy: {r['eval/random_return_mean']:.2f} +- {r['eval/random_return_std']:.2f}")
-    losses = pick("wm/loss")
-    if losses:
-        lines.append(f"world-model loss: {losses[0]['wm/loss']:.2f} (step {losses[0]['step']}) -> "
-                     f"{losses[-1]['wm/loss']:.2f} (step {losses[-1]['step']})")
-    return "\n".join(lines)
-
-
-def keep_freed_memory():
-    """CPU speed-up, no change to the maths: glibc hands every freed block above 32 MB back to the OS, so each
-    op on a (B*T, C, H, W) activation page-faults fresh memory in again; that made elementwise ops ~3x and
-    a whole update ~1.15x slower here. Serve big blocks from the heap and keep freed memory for reuse
-    (RSS then stays at its peak instead of shrinking between updates)."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: no mmap'd blocks
-            libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not shrink the heap
-        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-            pass
-
-
-GL_BACKENDS = ("egl", "osmesa", "glfw", "cgl", "wgl")  # what MuJoCo accepts in MUJOCO_GL
-
-
 def check_args(args: Args):
     """Every check that needs no model, env or checkpoint, run before anything is built or written."""
-    hints = get_type_hints(Args)
-    for name, choices in (("env", envs.ENV_NAMES), *((k, get_args(hints[k])) for k in ("pvm", "mode", "size"))):
+    for name, choices in (("env", envs.ENV_NAMES), ("pvm", PVMS), ("mode", MODES), ("size", tuple(SIZES))):
         if getattr(args, name) not in choices:  # tyro checks Literals on the command line; Args(...) needs this
             raise UsageError(f"unknown --{name} {getattr(args, name)!r}; choose one of: {', '.join(choices)}")
     positive = ("total_steps", "batch_size", "batch_length", "replay_size", "checkpoint_every", "log_every",
@@ -1285,44 +1151,10 @@ def check_args(args: Args):
     if not lo <= args.image_size <= hi:
         raise UsageError(f"--image-size {args.image_size} is outside what the renderers draw; use {lo}..{hi}")
     conv_stages(args.image_size)  # the CNN encoder/decoder's constraint
-    if args.eval_only and not args.resume:
-        raise UsageError("--eval-only needs --resume RUN_DIR (the checkpoint to evaluate)")
     gl = os.environ.get("MUJOCO_GL", "egl")
-    if args.env in envs.MUJOCO_TASKS and gl not in GL_BACKENDS:
+    if args.env in envs.MUJOCO_TASKS and gl not in envs.GL_BACKENDS:
         raise UsageError(f"MUJOCO_GL={gl} is not a rendering backend: use MUJOCO_GL=egl (GPU, or mesa on a CPU) "
                          "or MUJOCO_GL=osmesa; `bash setup.sh` installs both")
-
-
-class RunLock:
-    """An exclusive lock on RUN/.lock, held while a process trains into RUN. Two processes writing one run (a
-    sweep launched twice, a --resume while the run still goes) would interleave checkpoints and log rows; the
-    second stops with one line instead. The OS releases a flock when its holder exits, even on kill -9, so a
-    crashed run never leaves a stale lock. (Unix only: without fcntl, e.g. on Windows, nothing is locked.)"""
-
-    held: dict[str, int] = {}  # run dir -> lock fd, in this process
-
-    def __init__(self, run_dir: Path):
-        self.key, self.fd = str(run_dir.resolve()), None
-        try:
-            import fcntl
-        except ImportError:
-            return
-        if self.key in RunLock.held:  # left behind by an earlier train() in this process that raised
-            os.close(RunLock.held.pop(self.key))
-        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UsageError(f"another process is training in {run_dir} (it holds {run_dir / '.lock'}; "
-                             f"`fuser -v {run_dir / '.lock'}` names it): let it finish, or stop it with SIGTERM "
-                             "(it saves a checkpoint), then --resume") from None
-        self.fd = RunLock.held[self.key] = fd
-
-    def close(self):
-        if self.fd is not None and RunLock.held.get(self.key) == self.fd:
-            os.close(RunLock.held.pop(self.key))
-        self.fd = None
 
 
 def open_run(args: Args) -> tuple[Path, dict | None]:
@@ -1330,48 +1162,13 @@ def open_run(args: Args) -> tuple[Path, dict | None]:
     corrupt checkpoints to *.corrupt). A new run may not reuse a directory that holds files: that is either a
     finished run or one to continue with --resume, and mixing two runs' logs would corrupt both."""
     if args.resume:
-        return run_dir_of(Path(args.resume)), load_checkpoint(Path(args.resume), args, fix_corrupt=True)
-    encoder_name = "cnn" if args.pvm == "none" else f"{args.pvm}-{args.mode}"
-    run_dir = Path(args.logdir) / (args.run_name or f"{args.env}__{encoder_name}__{args.seed}__{int(time.time())}")
+        return runtime.run_dir_of(Path(args.resume)), load_checkpoint(Path(args.resume), args, fix_corrupt=True)
+    name = args.run_name or f"{args.env}__{encoder_label(args.pvm, args.mode)}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.logdir) / name
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another "
                          "--run-name")
     return run_dir, None
-
-
-def restore(state: dict, agent, opt, replay, env, device) -> Progress:
-    agent.load_state_dict(state["agent"])
-    for k, o in opt.items():
-        o.load_state_dict(state["opt"][k])
-    if state["replay"] is not None and not replay.load_state_dict(state["replay"]):
-        replay.fill_cache(agent.wm.encoder, device)  # saved without --feature-cache: compute it once
-    rng = state["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
-    env.action_space.np_random.bit_generator.state = rng["action_space"]
-    env.np_random.bit_generator.state = rng["env"]
-    return Progress(**{k: state[k] for k in Progress.__dataclass_fields__})
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} but torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-
-
-def seed_everything(seed: int, deterministic: bool):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = deterministic
 
 
 def make_run_env(args: Args):
@@ -1390,109 +1187,66 @@ def to_torch(batch: dict, device) -> dict:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
-def run_eval(agent, env, args: Args, run_dir: Path, step: int) -> dict:
-    video = str(run_dir / "videos" / f"eval_{step}.mp4") if args.capture_video else ""
-    rets = evaluate(agent, env, args.eval_episodes, args.seed + 10_000, video)
-    return {"eval/return_mean": float(rets.mean()), "eval/return_std": float(rets.std())}
+def eval_row(agent: Dreamer | None, env, eval_env, args: Args, run_dir: Path, step: int) -> dict:
+    """One evaluation during training (agent=None: the random policy), on eval_env. The training env's
+    generators are put back afterwards, so where eval_env IS the training env (MetaDrive: one engine per
+    process) the training episodes still do not depend on --eval-every."""
+    saved = envs.rng_state(env)
+    video = str(run_dir / "videos" / f"eval_{step}.mp4") if args.capture_video and agent is not None else ""
+    rets = evaluate(agent, eval_env, args.eval_episodes, video)
+    envs.set_rng_state(env, saved)
+    key = "eval/return" if agent is not None else "eval/random_return"
+    return {f"{key}_mean": float(rets.mean()), f"{key}_std": float(rets.std())}
 
 
-def eval_only(agent, env, args: Args, run_dir: Path, step: int) -> dict:
-    rets = evaluate(agent, env, args.eval_episodes, args.seed + 10_000,
-                    str(run_dir / "videos" / f"eval_only_{step}.mp4") if args.capture_video else "")
-    result = dict(step=step, episodes=len(rets), mean=float(rets.mean()), std=float(rets.std()), returns=rets.tolist())
-    (run_dir / f"eval_{step}.json").write_text(json.dumps(result, indent=1))
-    print(f"eval at step {step}: return {rets.mean():.2f} +- {rets.std():.2f} over {len(rets)} episodes")
-    return result
-
-
-def start_logging(run_dir: Path, agent, env, args: Args, resume_step: int | None) -> Logger:
-    logger = Logger(run_dir, resume_step)
+def start_logging(run_dir: Path, agent: Dreamer, env, eval_env, args: Args, resume_step: int | None):
+    logger = runtime.Logger(run_dir, resume_step)
     if resume_step is None:  # a new run: hyperparameters, and baselines measured by the same evaluation code
-        hp = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-        logger.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + hp)
-        logger.writer.add_text("encoder", encoder_summary(agent, args))
+        logger.text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        logger.text("encoder", encoder_summary(agent, args))
         if args.eval_episodes:  # random actions, and the untrained agent
-            rets = evaluate(None, env, args.eval_episodes, args.seed + 10_000)
-            logger.log(0, {"eval/random_return_mean": float(rets.mean()), "eval/random_return_std": float(rets.std()),
-                           **run_eval(agent, env, args, run_dir, 0)})
+            logger.log(0, {**eval_row(None, env, eval_env, args, run_dir, 0),
+                           **eval_row(agent, env, eval_env, args, run_dir, 0)})
     return logger
 
 
-class Diverged(Exception):
-    """A non-finite loss or gradient norm: training stops before the poisoned weights reach a checkpoint."""
-
-
-def check_finite(metrics: dict, p: Progress, last_ckpt: int):
-    """One pass over ~20 Python floats (train_step already synced once to produce them): free."""
-    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-    if bad:
-        raise Diverged(f"{bad[0]} is {metrics[bad[0]]} at step {p.step} (update {p.updates + 1}); stopped without "
-                       f"saving, so the checkpoint of step {last_ckpt} is intact: resume from it with lower "
-                       "learning rates, or look for bad inputs")
-
-
-class StopRequest:
-    """SIGTERM (a cluster pre-empting the job) or Ctrl-C sets a flag; the loop saves a checkpoint after the
-    current step and exits cleanly. A second signal aborts at once."""
-
-    def __init__(self):
-        self.signal = ""
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.signal:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: saving a checkpoint after this step, then stopping (again to abort)", file=sys.stderr)
-
-
-def next_mark(step: int, every: int) -> int:
-    return step // every * every + every
-
-
-def train(args: Args):
+def train(args: Args) -> dict:
     from tqdm import tqdm
 
     check_args(args)
-    device = resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     if device.type == "cpu":
-        keep_freed_memory()
+        runtime.keep_freed_memory()
     run_dir, state = open_run(args)
-    seed_everything(args.seed, args.torch_deterministic)
+    runtime.seed_everything(args.seed, args.torch_deterministic)
     encoder = make_encoder(args)  # before the env: a bad PVM id or size then leaves no env to close
     env = make_run_env(args)
+    # Evaluation runs on its own env, as in [D3], so it never reseeds the training episodes' starts. MetaDrive's
+    # engine is one per process: there it shares the training env and eval_row puts the env's generators back.
+    eval_env = make_run_env(args) if args.eval_episodes and args.env not in envs.ONE_PER_PROCESS else env
     action_dim = env.action_space.shape[0]
     agent = Dreamer(encoder, action_dim, args).to(device)
     opt = make_optimizers(agent, args)
     replay = Replay(args.replay_size, env.observation_space.shape, action_dim, args.seed,
                     feature_cache_shape(agent.wm.encoder, args))
-    p = restore(state, agent, opt, replay, env, device) if state else Progress(
+    p = restore(state, agent, opt, replay, env, device) if state else runtime.Progress(
         next_log=args.log_every, next_eval=args.eval_every or args.total_steps, next_ckpt=args.checkpoint_every)
     print(encoder_summary(agent, args))
     if args.pvm != "none" and args.pvm_random_init:
         print("WARNING: the PVM is RANDOMLY INITIALISED (--pvm-random-init): NOT pre-trained; results from this "
               "run say nothing about pre-trained features.")
-    if args.eval_only:
-        with closing(env):
-            return eval_only(agent, env, args, run_dir, p.step)
 
     run_dir.mkdir(parents=True, exist_ok=True)  # every check has passed: the first write of the run
     try:
-        lock = RunLock(run_dir)  # no second process may write this run while this one does
+        lock = runtime.RunLock(run_dir)  # no second process may write this run while this one does
     except UsageError:
         env.close()
+        eval_env.close()
         raise
-    logger = start_logging(run_dir, agent, env, args, p.step if state else None)
+    logger = start_logging(run_dir, agent, env, eval_env, args, p.step if state else None)
 
     def save():
-        save_checkpoint(run_dir, checkpoint_state(agent, opt, replay, env, p, args), args.keep_checkpoints)
+        runtime.save_checkpoint(run_dir, checkpoint_state(agent, opt, replay, env, p, args), args.keep_checkpoints)
 
     if state is None:
         save()  # step 0: from here on the run can always be continued with --resume
@@ -1500,122 +1254,61 @@ def train(args: Args):
     # A resumed run starts a fresh episode, also from a checkpoint taken mid-episode (at a --checkpoint-every
     # mark or on SIGTERM): the simulator's state is not saved, and is_first tells the world model of the cut.
     # The env's RNG is, so from a checkpoint at an episode's end the resumed run IS the uninterrupted one.
-    obs, _ = env.reset(seed=None if state else args.seed)
-    prefix = add_frame(replay, agent, obs, np.zeros(action_dim), 0.0, True, False)
-    act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
+    collector = Collector(agent, env, replay)
+    collector.reset(seed=None if state else args.seed)
     start_time, start_step = time.time(), p.step
     pbar = tqdm(total=args.total_steps, initial=p.step, unit="step", mininterval=2.0, dynamic_ncols=True)
-    with StopRequest() as stop, closing(lock), closing(logger), closing(env), pbar:
+    with runtime.StopRequest() as stop, closing(lock), closing(logger), closing(env), closing(eval_env), pbar:
         while p.step < args.total_steps:
-            if p.step < args.learning_starts:
-                action = env.action_space.sample()
-            else:
-                action, act_state = act(agent, obs, act_state, is_first, explore=True, prefix=prefix)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            p.step, is_first, ep_return, ep_len = p.step + 1, False, ep_return + float(reward), ep_len + 1
-            prefix = add_frame(replay, agent, obs, action, reward, False, terminated)
+            done = collector.step(random_action=p.step < args.learning_starts)
+            p.step += 1
             pbar.update(1)
 
             if p.step >= args.learning_starts and len(replay) >= args.batch_length:
                 p.updates_due += args.train_ratio / batch_steps
                 while p.updates_due >= 1:
                     metrics = train_step(agent, opt, to_torch(replay.sample(args.batch_size, args.batch_length), device))
-                    check_finite(metrics, p, last_ckpt)  # "never silently train on NaNs"
+                    runtime.check_finite(metrics, p, last_ckpt)  # "never silently train on NaNs"
                     for k, v in metrics.items():
                         p.train_metrics.setdefault(k, []).append(v)
                     p.updates, p.updates_due = p.updates + 1, p.updates_due - 1
 
-            done = terminated or truncated
-            if done:  # ---- episode boundary: log and evaluate (evaluation uses this env, so only here)
+            if done:  # ---- episode boundary: log, and evaluate when due
                 sps = (p.step - start_step) / (time.time() - start_time)
-                row = {"charts/episodic_return": ep_return, "charts/episodic_length": ep_len, "charts/sps": sps,
-                       "charts/updates": p.updates}
+                row = {"charts/episodic_return": collector.ep_return, "charts/episodic_length": collector.ep_len,
+                       "charts/sps": sps, "charts/updates": p.updates}
                 if p.step >= p.next_log and p.train_metrics:
                     row.update({k: float(np.mean(v)) for k, v in p.train_metrics.items()})
                     p.train_metrics, p.next_log = {}, p.next_log + args.log_every
                 if args.eval_episodes and args.eval_every and p.step >= p.next_eval:
-                    row.update(run_eval(agent, env, args, run_dir, p.step))
-                    p.next_eval, p.last_eval = next_mark(p.step, args.eval_every), p.step
+                    row.update(eval_row(agent, env, eval_env, args, run_dir, p.step))
+                    p.next_eval, p.last_eval = runtime.next_mark(p.step, args.eval_every), p.step
                 logger.log(p.step, row)
-                pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{ep_return:.1f}", upd=p.updates, refresh=False)
+                pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{collector.ep_return:.1f}", upd=p.updates, refresh=False)
             if p.step >= p.next_ckpt or stop.signal:  # after the row of this step: the checkpoint covers it
-                p.next_ckpt = next_mark(p.step, args.checkpoint_every)
+                p.next_ckpt = runtime.next_mark(p.step, args.checkpoint_every)
                 logger.sync()
                 save()
                 last_ckpt = p.step
             if stop.signal:
-                break
-            if done:
-                obs, _ = env.reset()
-                prefix = add_frame(replay, agent, obs, np.zeros(action_dim), 0.0, True, False)
-                act_state, is_first, ep_return, ep_len = initial_state(agent), True, 0.0, 0
-        if stop.signal:
-            print(f"stopped by {stop.signal} at step {p.step}, checkpoint saved: continue with --resume {run_dir}")
-            return dict(run_dir=str(run_dir), step=p.step, updates=p.updates, stopped=stop.signal)
+                print(f"stopped by {stop.signal} at step {p.step}, checkpoint saved: continue with --resume {run_dir}")
+                return dict(run_dir=str(run_dir), step=p.step, updates=p.updates, stopped=stop.signal)
         # ---- end of training: a final evaluation and checkpoint, unless this step already has them
         if args.eval_episodes and p.last_eval != p.step:
-            logger.log(p.step, run_eval(agent, env, args, run_dir, p.step))
+            logger.log(p.step, eval_row(agent, env, eval_env, args, run_dir, p.step))
         if last_ckpt != p.step:
             logger.sync()
             save()
-    print(summarize(run_dir))
-    print(f"done: {p.step} steps, {p.updates} updates; run in {run_dir}")
-    if args.eval_shifts:  # the paper's robustness table for this run: RUN/shift_eval.{json,csv,md}
-        from evaluate import evaluate_run  # (a plain `import evaluate` would shadow evaluate() in this function)
-
-        evaluate_run(run_dir, episodes=args.eval_episodes or 10, device=args.device)
+    print(runtime.summarize(run_dir))
+    print(f"done: {p.step} steps, {p.updates} updates; run in {run_dir}\n"
+          f"under visual shifts: python evaluate.py {run_dir}")
     return dict(run_dir=str(run_dir), step=p.step, updates=p.updates)
 
 
-def parse_args(argv=None) -> Args:
-    """tyro's parser, with its multi-line error boxes folded into one `error:` line (exit code 2)."""
-    import tyro
-
-    err = io.StringIO()
-    try:
-        with redirect_stderr(err):
-            args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
-    except SystemExit as e:
-        if e.code in (0, None):
-            raise
-        print(f"error: {one_line(err.getvalue())} (see --help)", file=sys.stderr)
-        sys.exit(2)
-    sys.stderr.write(err.getvalue())  # warnings, if tyro had any
-    return args
-
-
-def one_line(box: str) -> str:
-    """The message of a tyro error box, plus its 'Perhaps you meant' flag. tyro draws either a unicode box with
-    the title in its top border, or (when it thinks the terminal lacks unicode) a title line above a ---- rule."""
-    sections, current = [], []
-    for line in box.splitlines():
-        line = line.strip(" │╭╮╰╯\t")
-        if line.startswith("─") or set(line) == {"-"}:  # a rule, or the top border with the title in it
-            sections.append(current)
-            current = []
-        elif line:
-            current.append(line)
-    sections.append(current)
-    body = [s for s in sections[1:] if s] if sections[0] else [s for s in sections if s]  # drop an ASCII title
-    if not body:
-        return box.strip().replace("\n", " ") or "bad arguments"
-    hint = next((s for s in body[1:] if s[0].startswith("Perhaps you meant") and len(s) > 1), None)
-    return " ".join(body[0]) + (f"; perhaps you meant {hint[1].split()[0]}" if hint else "")
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    try:
+    args = runtime.parse_cli(Args, argv, description=__doc__.split("\n\n")[0])
+    with runtime.one_line_errors():
         return train(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: aborted; the newest checkpoint in checkpoints/ is the last complete one", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

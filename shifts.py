@@ -101,6 +101,18 @@ def make_shifted_env(name: str, shift: str = "none", severity: str = "none", ima
     return ShiftWrapper(env, name, shift, severity, seed)
 
 
+def part_geoms(model, env_name: str) -> dict[str, list[int]]:
+    """Geom ids of each of PARTS[env_name] (robot, object, goal): the geoms of bodies whose name starts with one
+    of the part's prefixes, or geoms named exactly so. The `color` shift recolours them; probe.py's ground truth
+    is their union."""
+    import mujoco
+
+    body = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_BODY, b) or "" for b in model.geom_bodyid]
+    geom = [mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_GEOM, g) or "" for g in range(model.ngeom)]
+    return {part: [g for g in range(model.ngeom) if body[g].startswith(pre) or geom[g] in pre]
+            for part, pre in PARTS[env_name].items()}
+
+
 def _xml_with_table_texture(name: str, xml_file: str | None, out: str) -> str:
     assets = os.path.join(os.path.dirname(gym.envs.mujoco.__file__), "assets")
     xml_file = xml_file or {"pusher": "pusher_v5.xml", "reacher": "reacher.xml"}[name]  # the v5 defaults
@@ -180,10 +192,7 @@ class ShiftWrapper(gym.Wrapper):
             # The unshifted visuals: every episode's look is computed from these, never from the last episode's.
             self.base = dict(rgba=m.geom_rgba.copy(), diffuse=m.light_diffuse.copy(), specular=m.light_specular.copy(),
                              head_amb=m.vis.headlight.ambient.copy(), head_dif=m.vis.headlight.diffuse.copy())
-            names = [mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_BODY, b) or "" for b in m.geom_bodyid]
-            gnames = [mujoco.mj_id2name(m, mujoco.mjtObj.mjOBJ_GEOM, g) or "" for g in range(m.ngeom)]
-            self.parts = {part: [g for g in range(m.ngeom) if names[g].startswith(pre) or gnames[g] in pre]
-                          for part, pre in PARTS[env_name].items()}
+            self.parts = part_geoms(m, env_name)
             if shift == "table":
                 self._paint_table(seed)
             # Placement and distractor layout need the state the task's own reset just drew: hook in after it.

@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))  # a Ray worker imports this module from elsewhere
+import envs  # noqa: E402
+import pvm_dreamer as pd  # noqa: E402
+import runtime  # noqa: E402
+
 DONE = "sweep_done.json"
-
-
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def grid(o, extra: list[str]) -> list[dict]:
@@ -37,8 +37,7 @@ def grid(o, extra: list[str]) -> list[dict]:
     jobs, seen = [], set()
     for env, pvm, mode, seed in itertools.product(o.env.split(","), o.pvm.split(","), o.mode.split(","),
                                                   o.seeds.split(",")):
-        encoder = "cnn" if pvm == "none" else f"{pvm}-{mode}"
-        name = f"{env}__{encoder}__s{seed}"  # deterministic: a re-launch finds the same directory
+        name = f"{env}__{pd.encoder_label(pvm, mode)}__s{seed}"  # deterministic: a re-launch finds the same directory
         if name in seen:
             continue
         seen.add(name)
@@ -50,10 +49,7 @@ def grid(o, extra: list[str]) -> list[dict]:
 
 def find_checkpoint(run: Path) -> Path | None:
     """The run's newest checkpoint file (the agent itself skips a corrupt one when it resumes the run dir)."""
-    sys.path.insert(0, str(REPO))  # a Ray worker starts elsewhere
-    import pvm_dreamer as pd
-
-    paths = pd.checkpoint_paths(run)
+    paths = runtime.checkpoint_paths(run)
     return paths[-1] if paths else None
 
 
@@ -105,8 +101,8 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="flags after `--` are passed to every pvm_dreamer.py run")
-    p.add_argument("--pvm", default="none,dinov2,clip", help="comma list of none | dinov2 | clip")
-    p.add_argument("--mode", default="frozen,partial,full", help="comma list of frozen | partial | full (PVMs only)")
+    p.add_argument("--pvm", default=",".join(pd.PVMS), help="comma list of " + " | ".join(pd.PVMS))
+    p.add_argument("--mode", default=",".join(pd.MODES), help="comma list of " + " | ".join(pd.MODES) + " (PVMs only)")
     p.add_argument("--env", default="pusher", help="comma list of environments (see envs.py)")
     p.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
     p.add_argument("--logdir", type=Path, default=Path("sweeps"), help="one run directory per grid point in here")
@@ -119,18 +115,15 @@ def main(argv=None):
     p.add_argument("--eval-episodes", type=int, default=10, help="episodes per shift condition for evaluate.py")
     p.add_argument("--python", default=sys.executable, help="interpreter of the runs (the same path on every node)")
     o = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    import envs  # no torch: cheap
-
-    for key, allowed in (("pvm", {"none", "dinov2", "clip"}), ("mode", {"frozen", "partial", "full"}),
-                         ("env", set(envs.ENV_NAMES))):
+    for key, allowed in (("pvm", set(pd.PVMS)), ("mode", set(pd.MODES)), ("env", set(envs.ENV_NAMES))):
         bad = set(getattr(o, key).split(",")) - allowed
         if bad:
-            fail(f"--{key} {','.join(sorted(bad))} unknown; choose from {','.join(sorted(allowed))}")
+            runtime.fail(f"--{key} {','.join(sorted(bad))} unknown; choose from {','.join(sorted(allowed))}")
     o.logdir = o.logdir.resolve()  # workers may run elsewhere: absolute paths (on a shared filesystem)
     try:
         import ray
     except ImportError:
-        fail("sweep.py needs Ray: pip install -r requirements-sweep.txt")
+        runtime.fail("sweep.py needs Ray: pip install -r requirements-sweep.txt")
 
     jobs = grid(o, extra)
     todo = [j for j in jobs if not finished(j)]

@@ -15,6 +15,7 @@ import torch
 
 import envs
 import pvm_dreamer as pd
+import runtime
 import shifts
 
 REPO = Path(__file__).resolve().parent
@@ -250,9 +251,9 @@ def test_actor_loss_trains_only_the_actor(actor_grad, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # PVM encoders: forward pass, preprocessing, and which parameters each mode trains
 # ---------------------------------------------------------------------------------------------------------
-def tiny_pvm(pvm, mode, k=2):
+def tiny_pvm(pvm, mode, k=2, **kw):
     torch.manual_seed(0)
-    args = tiny_args(pvm=pvm, mode=mode, finetune_blocks=k)
+    args = tiny_args(pvm=pvm, mode=mode, finetune_blocks=k, **kw)
     return args, pd.Dreamer(pd.make_encoder(args), 2, args)
 
 
@@ -274,9 +275,12 @@ def test_pvm_features_match_transformers_forward(pvm):
 
 
 @pytest.mark.parametrize("pvm", ["dinov2", "clip"])
-@pytest.mark.parametrize("mode", ["frozen", "partial", "full"])
+@pytest.mark.parametrize("mode", ["frozen", "partial", "partial+norm", "full"])
 def test_pvm_modes_train_exactly_the_intended_parameters(pvm, mode):
-    args, agent = tiny_pvm(pvm, mode, k=2)
+    """partial trains the last k blocks only, as [PVM] (its final layernorm stays frozen); --finetune-norm adds
+    the final norm."""
+    mode, norm = mode.split("+")[0], mode.endswith("+norm")
+    args, agent = tiny_pvm(pvm, mode, k=2, finetune_norm=norm)
     enc = agent.wm.encoder
     before = {n: p.detach().clone() for n, p in enc.backbone.named_parameters()}
     opt = pd.make_optimizers(agent, args)
@@ -292,7 +296,7 @@ def test_pvm_modes_train_exactly_the_intended_parameters(pvm, mode):
             expected = "mask_token" not in name  # DINOv2's mask token serves masked-image modelling only
         else:
             block = int(name[len(prefix) + 1:].split(".")[0]) if name.startswith(prefix + ".") else None
-            expected = (block is not None and block >= depth - 2) or name.startswith(final)
+            expected = (block is not None and block >= depth - 2) or (norm and name.startswith(final))
         assert changed == expected, f"{mode}: {name} changed={changed}"
         if not expected:  # gradient never reaches a frozen part
             assert p.grad is None, name
@@ -812,7 +816,7 @@ def test_end_to_end_run_writes_logs_and_a_loadable_checkpoint(pvm, mode, tmp_pat
     agent.load_state_dict(state["agent"])  # every tensor matches the freshly built model
 
 
-def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
+def test_resume_continues_at_the_saved_step(tmp_path):
     run_cli([*E2E, "--run-name", "r"], tmp_path)
     run_dir = tmp_path / "r"
     first = pd.load_checkpoint(run_dir, pd.Args(env="reacher", **TINY))
@@ -824,9 +828,6 @@ def test_resume_continues_at_the_saved_step_and_eval_only(tmp_path):
     steps = [r["step"] for r in rows if "charts/episodic_return" in r]
     assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 300
     assert rows[:len(rows_before)] == rows_before  # the first run's rows are kept, none duplicated
-    proc = run_cli([*E2E, "--resume", str(run_dir), "--eval-only"], tmp_path)
-    result = json.loads((run_dir / "eval_300.json").read_text())
-    assert result["episodes"] == 2 and np.isfinite(result["mean"])
     # A checkpoint from another configuration is refused with the flags to use.
     proc = run_cli([*E2E, "--pvm", "clip", "--resume", str(run_dir)], tmp_path, check=False)
     assert proc.returncode == 2 and "--pvm none" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -949,25 +950,36 @@ def test_evaluate_bad_input_is_one_line(tiny_run, flags, needle):
 
 def test_checkpoint_lookup_takes_the_newest_intact_one(tmp_path):
     for step in (100, 200):
-        pd.save_checkpoint(tmp_path, dict(format=pd.CHECKPOINT_FORMAT, step=step), keep=3)
+        runtime.save_checkpoint(tmp_path, dict(format=runtime.CHECKPOINT_FORMAT, step=step), keep=3)
     newest = tmp_path / "checkpoints" / "ckpt_000000200.pt"
-    assert pd.newest_intact(tmp_path)[0] == newest
+    assert runtime.newest_intact(tmp_path)[0] == newest
     newest.write_bytes(newest.read_bytes()[:-100])  # truncated: skipped for the one before
-    ckpt, state = pd.newest_intact(tmp_path)
+    ckpt, state = runtime.newest_intact(tmp_path)
     assert ckpt == tmp_path / "checkpoints" / "ckpt_000000100.pt" and state["step"] == 100
     assert newest.exists()  # reported, not renamed, without fix_corrupt
-    assert pd.newest_intact(tmp_path / "missing") is None
-    with pytest.raises(pd.UsageError, match="no checkpoint"):
+    assert runtime.newest_intact(tmp_path / "missing") is None
+    with pytest.raises(pd.UsageError, match="no such run directory"):
         ev.load_agent(tmp_path / "missing", "cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pd.UsageError, match="no checkpoint in"):
+        ev.load_agent(tmp_path / "empty", "cpu")
 
 
-def test_eval_shifts_flag_runs_at_the_end_of_training_pointmass_has_no_shifts(tmp_path, capsys):
+def test_one_evaluation_path_training_and_evaluate_py_agree(tmp_path, capsys):
+    """The evaluation logged at the end of training and evaluate.py's in-distribution row score the same
+    checkpoint on the same starts with the same function: the same returns, to the last digit. (pointmass has
+    no shifts, so evaluate.py evaluates in distribution only, as --shifts none would.)"""
     pd.main(["--env", "pointmass", "--size", "tiny", "--image-size", "32", "--total-steps", "60", "--learning-starts",
-             "50", "--batch-size", "2", "--batch-length", "8", "--eval-episodes", "1", "--logdir", str(tmp_path),
-             "--run-name", "r", "--eval-shifts"])
+             "30", "--batch-size", "2", "--batch-length", "8", "--eval-episodes", "2", "--logdir", str(tmp_path),
+             "--run-name", "r"])
+    logged = [r for r in read_rows(tmp_path / "r") if "eval/return_mean" in r]
+    random_logged = next(r for r in read_rows(tmp_path / "r") if "eval/random_return_mean" in r)
+    ev.main([str(tmp_path / "r"), "--episodes", "2"])
     assert "pointmass has no visual shifts" in capsys.readouterr().out
     rows = json.loads((tmp_path / "r" / "shift_eval.json").read_text())["rows"]
     assert [(r["policy"], r["shift"]) for r in rows] == [("random", "none"), ("agent", "none")]
+    assert logged[-1]["step"] == 60 and rows[1]["mean"] == logged[-1]["eval/return_mean"]
+    assert rows[0]["mean"] == random_logged["eval/random_return_mean"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1007,7 +1019,7 @@ def test_ground_truth_mask_covers_the_task_objects_and_follows_the_arm():
     assert (masks[0] != masks[-1]).sum() > 20  # random actions moved the arm over 15 steps
     env = shifts.make_shifted_env("pusher", seed=0, image_size=64)
     env.reset(seed=0)
-    geoms = probe.part_geoms(env.unwrapped.model, "pusher")
+    geoms = probe.task_geoms(env.unwrapped.model, "pusher")
     before = probe.mujoco_segmentation(env, geoms)
     for _ in range(5):
         env.step(np.ones(7, np.float32))
@@ -1060,14 +1072,28 @@ def main_in_process(argv, capsys):
 
 
 def ckpt_steps(run_dir):
-    return [int(p.stem.split("_")[1]) for p in pd.checkpoint_paths(run_dir)]
+    return [int(p.stem.split("_")[1]) for p in runtime.checkpoint_paths(run_dir)]
 
 
-def spawn(run_dir, *flags, env=None):
+# Runs pvm_dreamer.py with os.replace slowed down for checkpoint renames: the process then sits between writing
+# ckpt.tmp and renaming it for SECONDS, so a test can kill it there.
+SLOW_SAVE = """import os, runpy, sys, time
+seconds, replace, sys.argv = float(sys.argv[1]), os.replace, sys.argv[2:]  # argv: pvm_dreamer.py FLAGS...
+def slow_replace(src, dst, *a, **kw):
+    if os.path.basename(src) == "ckpt.tmp":
+        time.sleep(seconds)
+    return replace(src, dst, *a, **kw)
+os.replace = slow_replace
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def spawn(run_dir, *flags, slow_save: float = 0.0):
     log = open(run_dir.parent / f"{run_dir.name}.{time.time_ns()}.log", "w")
-    cmd = [sys.executable, str(REPO / "pvm_dreamer.py"), *SURVIVE, "--logdir", str(run_dir.parent), *flags]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent,
-                            env={**os.environ, **(env or {})})
+    slow = ["-c", SLOW_SAVE, str(slow_save)] if slow_save else []
+    cmd = [sys.executable, *slow, str(REPO / "pvm_dreamer.py"), *SURVIVE, "--logdir", str(run_dir.parent), *flags]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent)
 
 
 def wait_for(cond, proc, timeout=300.0):  # generous: start-up alone takes minutes on a busy 2-core machine
@@ -1091,7 +1117,7 @@ def test_kill_9_at_random_points_then_resume(tmp_path):
         newest = max(ckpt_steps(run_dir), default=-1)
         t0 = time.time()
         proc = spawn(run_dir, "--total-steps", str(total), *(["--resume", str(run_dir)] if i else ["--run-name", "r"]),
-                     env={"PVM_DREAMER_TEST_SLOW_SAVE": "1.0"} if slow else None)
+                     slow_save=1.0 if slow else 0.0)
         if i:
             resumed_from.append(newest)
         tmp = run_dir / "checkpoints" / "ckpt.tmp"
@@ -1138,13 +1164,13 @@ def test_corrupt_newest_checkpoint_is_reported_kept_and_skipped(tmp_path, capsys
     code, _, _ = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "r", "--total-steps", "45",
                                   "--keep-checkpoints", "3"], capsys)
     assert code == 0 and ckpt_steps(run_dir) == [15, 30, 45]
-    newest, middle = pd.checkpoint_paths(run_dir)[-1], pd.checkpoint_paths(run_dir)[-2]
+    newest, middle = runtime.checkpoint_paths(run_dir)[-1], runtime.checkpoint_paths(run_dir)[-2]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
     data = bytearray(middle.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor: torch.load alone would not notice
     middle.write_bytes(bytes(data))
-    with pytest.raises(pd.CorruptCheckpoint, match="sha256"):
-        pd.read_checkpoint(middle)
+    with pytest.raises(runtime.CorruptCheckpoint, match="sha256"):
+        runtime.read_checkpoint(middle)
     code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--total-steps", "60", "--resume",
                                     str(run_dir)], capsys)
     assert code == 0, err
@@ -1177,7 +1203,7 @@ def test_sigterm_saves_at_the_current_step_and_exits_0_and_a_second_signal_abort
     assert pd.load_checkpoint(run_dir, pd.Args(env="pointmass", size="tiny", image_size=32))["step"] == stopped
     # A second signal while the checkpoint is being written aborts at once, leaving the older checkpoints.
     proc = spawn(run_dir, "--total-steps", "100000", "--resume", str(run_dir),
-                 env={"PVM_DREAMER_TEST_SLOW_SAVE": "120"})
+                 slow_save=120.0)
     tmp = run_dir / "checkpoints" / "ckpt.tmp"
     time.sleep(3.0)
     wait_for(lambda: "step/s" in max(tmp_path.glob("r.*.log"), key=os.path.getmtime).read_text(), proc)
@@ -1206,7 +1232,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path, capsys, monkeypatch):
     stopped = int(line[0].split(" at step ")[1].split()[0])
     kept = int(line[0].split("checkpoint of step ")[1].split()[0])
     assert ckpt_steps(run_dir)[-1] == kept < stopped  # nothing new was saved
-    assert pd.read_checkpoint(pd.checkpoint_paths(run_dir)[-1])["updates"] < 30
+    assert runtime.read_checkpoint(runtime.checkpoint_paths(run_dir)[-1])["updates"] < 30
     assert all(np.isfinite(v) for r in read_rows(run_dir) for k, v in r.items())  # no NaN reached the logs
 
 
@@ -1231,7 +1257,7 @@ def test_resume_at_an_episode_end_reproduces_the_uninterrupted_run(tmp_path, cap
     assert code == 0, err
     rows = [[{k: v for k, v in r.items() if k != "charts/sps"} for r in read_rows(tmp_path / n)] for n in "ab"]
     assert rows[0] == rows[1] and sum("wm/loss" in r and r["step"] > 50 for r in rows[0]) >= 2
-    a, b = (pd.read_checkpoint(tmp_path / n / "checkpoints" / "ckpt_000000100.pt") for n in "ab")
+    a, b = (runtime.read_checkpoint(tmp_path / n / "checkpoints" / "ckpt_000000100.pt") for n in "ab")
     assert a["updates"] == b["updates"] > 0
     for k in a["agent"]:
         assert torch.equal(a["agent"][k], b["agent"][k]), k
@@ -1263,10 +1289,10 @@ def test_tyro_error_boxes_fold_into_one_line():
                    "│ 'dinov2', 'clip').   │\n│ ──────────── │\n│ For full helptext, run x --help │\n╰──────────╯\n")
     ascii_box = (" Invalid choice    \n ---------------- \n  invalid choice 'foo' for argument '--pvm'. Expected one of ('none', \n"
                  "  'dinov2', 'clip').  \n  ---------------\n  For full helptext, run\n  x --help  \n")
-    assert pd.one_line(unicode_box) == pd.one_line(ascii_box) == want
+    assert runtime.one_line(unicode_box) == runtime.one_line(ascii_box) == want
     unknown = ("╭─ Unrecognized options ─╮\n│ Unrecognized options: --chekpoint-every │\n│ ──── │\n│ Perhaps you meant: │\n"
                "│     --checkpoint-every INT │\n│         agent steps between checkpoints │\n╰────╯\n")
-    assert pd.one_line(unknown) == "Unrecognized options: --chekpoint-every; perhaps you meant --checkpoint-every"
+    assert runtime.one_line(unknown) == "Unrecognized options: --chekpoint-every; perhaps you meant --checkpoint-every"
 
 
 @pytest.fixture(scope="module")
@@ -1300,7 +1326,6 @@ def tree(root):
     (["--resume", "{log}/legacy"], "format-1", {}),
     (["--resume", "{log}/nowhere"], "no such run directory", {}),
     (["--run-name", "old"], "--resume {log}/old", {}),
-    (["--eval-only"], "--resume", {}),
     (["--env", "metadrive"], "MetaDrive", {}),
     (["--env", "reacher"], "MUJOCO_GL=nonsense", {"MUJOCO_GL": "nonsense"}),
     (["--device", "cuda"], "--device cpu", {}),

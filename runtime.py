@@ -1,0 +1,439 @@
+"""runtime.py: the run machinery of pvm-dreamer, kept out of the method file (pvm_dreamer.py).
+
+What a long run needs but a reader of the method does not: checkpoint files that survive a kill at any moment
+(atomic writes with a sha256 trailer) and their lookup, the loop's counters, a lock so one process writes a run,
+the TensorBoard + JSONL logger, stop signals, the divergence check, device / seed / allocator helpers, the
+command-line parser and its one-line errors, and a quick test of whether the Hugging Face Hub is reachable.
+
+It imports nothing from the project (it is handed dataclasses, dicts and paths), so every script may use it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the files it names: printed as one line, exit code 2, no traceback."""
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that is truncated, altered or unreadable; the message says which."""
+
+
+class Diverged(Exception):
+    """A non-finite loss or gradient norm: training stops before the poisoned weights reach a checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: tyro's parser with its error boxes folded into one line, and one exit path for every script
+# ---------------------------------------------------------------------------------------------------------
+def fail(msg: str, code: int = 2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Every script's `main` runs inside this: a UsageError becomes `error: ...` and exit 2, a divergence exit 1,
+    a second Ctrl-C / SIGTERM exit 130. Anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except UsageError as e:
+        fail(str(e))
+    except Diverged as e:
+        fail(str(e), 1)
+    except KeyboardInterrupt:
+        fail("aborted; the newest checkpoint in checkpoints/ is the last complete one", 130)
+
+
+def parse_cli(cls, argv=None, description: str = ""):
+    """tyro.cli(cls), with its multi-line error boxes folded into one `error:` line (exit code 2)."""
+    import tyro
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = tyro.cli(cls, args=argv, description=description)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        fail(f"{one_line(err.getvalue())} (see --help)")
+    sys.stderr.write(err.getvalue())  # warnings, if tyro had any
+    return args
+
+
+def one_line(box: str) -> str:
+    """The message of a tyro error box, plus its 'Perhaps you meant' flag. tyro draws either a unicode box with
+    the title in its top border, or (when it thinks the terminal lacks unicode) a title line above a ---- rule."""
+    sections, current = [], []
+    for line in box.splitlines():
+        line = line.strip(" │╭╮╰╯\t")
+        if line.startswith("─") or set(line) == {"-"}:  # a rule, or the top border with the title in it
+            sections.append(current)
+            current = []
+        elif line:
+            current.append(line)
+    sections.append(current)
+    body = [s for s in sections[1:] if s] if sections[0] else [s for s in sections if s]  # drop an ASCII title
+    if not body:
+        return box.strip().replace("\n", " ") or "bad arguments"
+    hint = next((s for s in body[1:] if s[0].startswith("Perhaps you meant") and len(s) > 1), None)
+    return " ".join(body[0]) + (f"; perhaps you meant {hint[1].split()[0]}" if hint else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device, seeds, memory, network
+# ---------------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} but torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+
+
+def seed_everything(seed: int, deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def rng_states() -> dict:
+    """The global generators (python, numpy, torch, CUDA), for a checkpoint."""
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(rng: dict):
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
+
+
+def keep_freed_memory():
+    """CPU speed-up, no change to the maths: glibc hands every freed block above 32 MB back to the OS, so each
+    op on a (B*T, C, H, W) activation page-faults fresh memory in again; that made elementwise ops ~3x and
+    a whole update ~1.15x slower here. Serve big blocks from the heap and keep freed memory for reuse
+    (RSS then stays at its peak instead of shrinking between updates)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: no mmap'd blocks
+            libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not shrink the heap
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+            pass
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect instead of huggingface_hub's ~20 s of retries when the machine is offline."""
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint files: RUN/checkpoints/ckpt_STEP.pt, the newest few of them, each verifiable on its own
+# ---------------------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = 2  # 2: checkpoints/ckpt_STEP.pt with a sha256 trailer, loop counters and the env's RNG
+# After torch's zip archive (whose reader ignores trailing bytes) comes this line with the sha256 of the archive.
+# torch.load notices a truncated file but not a flipped byte inside a tensor; the checksum notices both.
+TRAILER, TRAILER_LEN = b"\npvm-dreamer sha256 ", len(b"\npvm-dreamer sha256 ") + 64 + 1
+
+
+class _HashingWriter:
+    """Hashes what torch.save writes as it goes: the checksum costs no second pass over the file."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first (the step is zero-padded, so names sort by step)."""
+    return sorted((Path(run_dir) / "checkpoints").glob("ckpt_*.pt"))
+
+
+def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
+    """Write atomically (tmp file, fsync, rename, fsync the directory), then delete all but the newest `keep`.
+    A crash at any point leaves the previous checkpoints intact and at most a stale ckpt.tmp behind."""
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    path, tmp = ckpt_dir / f"ckpt_{state['step']:09d}.pt", ckpt_dir / "ckpt.tmp"
+    with open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, writer)
+        f.write(TRAILER + writer.sha.hexdigest().encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(ckpt_dir, os.O_RDONLY)  # the rename is durable only once the directory entry is on disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for old in checkpoint_paths(run_dir)[:-keep]:
+        old.unlink()
+    return path
+
+
+def read_checkpoint(path: Path) -> dict:
+    """torch.load, after checking the file's sha256 trailer; raises CorruptCheckpoint with the reason."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - TRAILER_LEN))
+        tail = f.read()
+        if len(tail) != TRAILER_LEN or not tail.startswith(TRAILER):
+            raise CorruptCheckpoint("no checksum line at its end: truncated")
+        f.seek(0)
+        sha, left = hashlib.sha256(), size - TRAILER_LEN
+        while left:
+            chunk = f.read(min(left, 1 << 24))
+            sha.update(chunk)
+            left -= len(chunk)
+    if sha.hexdigest().encode() != tail[len(TRAILER):-1]:
+        raise CorruptCheckpoint("sha256 mismatch: its bytes changed after it was written")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CorruptCheckpoint(f"torch.load failed: {type(e).__name__}") from None
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory of a checkpoint argument: itself, or the run that holds the checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def newest_intact(run_dir: Path, fix_corrupt: bool = False) -> tuple[Path, dict] | None:
+    """The newest checkpoint of a run that reads back intact, as (path, state); None if the run has none.
+    Newer corrupt ones are skipped, each reported in one line and, with fix_corrupt, renamed to *.corrupt
+    (never deleted) so that pruning and later resumes pass them by."""
+    corrupt = []
+    for ckpt in reversed(checkpoint_paths(run_dir)):
+        try:
+            state = read_checkpoint(ckpt)
+        except CorruptCheckpoint as e:
+            corrupt.append((ckpt, e))
+            continue
+        for bad, e in corrupt:
+            print(f"checkpoint {bad} is corrupt ({e}); using {ckpt.name}", file=sys.stderr)
+            if fix_corrupt:
+                bad.rename(bad.with_name(bad.name + ".corrupt"))
+        return ckpt, state
+    if corrupt:
+        raise UsageError(f"every checkpoint in {run_dir}/checkpoints is corrupt (first: {corrupt[0][1]}); "
+                         "start a new run")
+    return None
+
+
+def find_checkpoint(path: Path, fix_corrupt: bool = False) -> tuple[Path, dict]:
+    """The one lookup behind --resume and every script that reads a run: PATH is a checkpoint file (read as
+    named) or a run directory (its newest intact checkpoint). Returns (file, state); UsageError otherwise."""
+    path = Path(path)
+    legacy = f"{run_dir_of(path)}/checkpoint.pt is a format-1 checkpoint of an older pvm-dreamer: continue " \
+             "that run with the version that wrote it, or start a new run"
+    if path.is_file():
+        if path.name == "checkpoint.pt":
+            raise UsageError(legacy)
+        try:
+            found = path, read_checkpoint(path)
+        except CorruptCheckpoint as e:
+            raise UsageError(f"checkpoint {path} is corrupt ({e}): pass its run directory to use the newest "
+                             "intact one") from None
+    elif not path.is_dir():
+        raise UsageError(f"{path}: no such run directory or checkpoint file")
+    else:
+        found = newest_intact(path, fix_corrupt)
+        if found is None and (path / "checkpoint.pt").is_file():
+            raise UsageError(legacy)
+        if found is None:
+            raise UsageError(f"no checkpoint in {path} (no checkpoints/ckpt_*.pt; a run stopped before its first "
+                             "checkpoint cannot be continued): pass a run directory that has one, or start again")
+    ckpt, state = found
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"checkpoint {ckpt} is not a pvm-dreamer format-{CHECKPOINT_FORMAT} checkpoint: "
+                         "continue it with the version that wrote it, or start a new run")
+    return ckpt, state
+
+
+@dataclass
+class Progress:
+    """The training loop's counters. Saved in every checkpoint, so a resumed run trains, logs, evaluates and
+    checkpoints on the schedule the interrupted run would have kept."""
+    step: int = 0  # agent steps taken
+    updates: int = 0  # train_step calls
+    updates_due: float = 0.0  # the fraction of an update owed at --train-ratio
+    next_log: int = 0
+    next_eval: int = 0
+    next_ckpt: int = 0
+    last_eval: int = -1  # step of the newest evaluation (the final one is skipped if it is this step)
+    train_metrics: dict = field(default_factory=dict)  # losses of the updates since the last log row
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        return cls(**{k: state[k] for k in cls.__dataclass_fields__})
+
+
+def next_mark(step: int, every: int) -> int:
+    return step // every * every + every
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One writer per run, the logger, and what a run learned
+# ---------------------------------------------------------------------------------------------------------
+class RunLock:
+    """An exclusive lock on RUN/.lock, held while a process trains into RUN. Two processes writing one run (a
+    sweep launched twice, a --resume while the run still goes) would interleave checkpoints and log rows; the
+    second stops with one line instead. The OS releases a flock when its holder exits, even on kill -9, so a
+    crashed run never leaves a stale lock. (Unix only: without fcntl, e.g. on Windows, nothing is locked.)"""
+
+    held: dict[str, int] = {}  # run dir -> lock fd, in this process
+
+    def __init__(self, run_dir: Path):
+        self.key, self.fd = str(run_dir.resolve()), None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        if self.key in RunLock.held:  # left behind by an earlier train() in this process that raised
+            os.close(RunLock.held.pop(self.key))
+        fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"another process is training in {run_dir} (it holds {run_dir / '.lock'}; "
+                             f"`fuser -v {run_dir / '.lock'}` names it): let it finish, or stop it with SIGTERM "
+                             "(it saves a checkpoint), then --resume") from None
+        self.fd = RunLock.held[self.key] = fd
+
+    def close(self):
+        if self.fd is not None and RunLock.held.get(self.key) == self.fd:
+            os.close(RunLock.held.pop(self.key))
+        self.fd = None
+
+
+class Logger:
+    """TensorBoard (runs/<name>, as CleanRL) plus metrics.jsonl, one JSON row per logged step."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.jsonl.exists():
+            # Rows up to the checkpoint were written before it; later ones (and a half-written last line) belong
+            # to the interrupted run, which the resumed run replays. Rewritten via a tmp file: a kill loses nothing.
+            rows = [r for r in self.jsonl.read_text().splitlines() if _row_step(r) <= resume_step]
+            tmp = self.jsonl.with_suffix(".tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, self.jsonl)
+        # purge_step hides TensorBoard events at steps >= it that the interrupted run logged after the checkpoint.
+        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
+
+    def log(self, step: int, metrics: dict):
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def text(self, tag: str, text: str):
+        self.writer.add_text(tag, text)
+
+    def sync(self):
+        """Put every row on disk before a checkpoint that claims them (else a power cut could lose rows)."""
+        self.writer.flush()
+        if self.jsonl.exists():
+            with open(self.jsonl, "a") as f:
+                os.fsync(f.fileno())
+
+    def close(self):
+        self.writer.close()
+
+
+def _row_step(row: str) -> float:
+    try:
+        return json.loads(row)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut short by a kill
+
+
+def summarize(run_dir: Path) -> str:
+    """What a run learned, from its metrics.jsonl: evaluation returns vs the random policy, world-model loss."""
+    path = run_dir / "metrics.jsonl"  # absent when no episode ended and nothing was evaluated
+    rows = [json.loads(r) for r in path.read_text().splitlines() if r] if path.exists() else []
+    pick = lambda key: [r for r in rows if key in r]  # noqa: E731
+    lines = [f"eval return at step {r['step']}: {r['eval/return_mean']:.2f} +- {r['eval/return_std']:.2f}"
+             for r in pick("eval/return_mean")]
+    for r in pick("eval/random_return_mean")[:1]:
+        lines.append(f"random policy: {r['eval/random_return_mean']:.2f} +- {r['eval/random_return_std']:.2f}")
+    losses = pick("wm/loss")
+    if losses:
+        lines.append(f"world-model loss: {losses[0]['wm/loss']:.2f} (step {losses[0]['step']}) -> "
+                     f"{losses[-1]['wm/loss']:.2f} (step {losses[-1]['step']})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stopping: signals, and non-finite losses
+# ---------------------------------------------------------------------------------------------------------
+class StopRequest:
+    """SIGTERM (a cluster pre-empting the job) or Ctrl-C sets a flag; the loop saves a checkpoint after the
+    current step and exits cleanly. A second signal aborts at once."""
+
+    def __init__(self):
+        self.signal = ""
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: saving a checkpoint after this step, then stopping (again to abort)", file=sys.stderr)
+
+
+def check_finite(metrics: dict, p: Progress, last_ckpt: int):
+    """One pass over ~20 Python floats (train_step already synced once to produce them): free."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise Diverged(f"{bad[0]} is {metrics[bad[0]]} at step {p.step} (update {p.updates + 1}); stopped without "
+                       f"saving, so the checkpoint of step {last_ckpt} is intact: resume from it with lower "
+                       "learning rates, or look for bad inputs")
