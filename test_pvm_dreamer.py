@@ -248,6 +248,54 @@ def test_actor_loss_trains_only_the_actor(actor_grad, monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(actor, agent.actor.parameters()))
 
 
+def test_imagination_weight_is_the_discounted_probability_of_still_running():
+    torch.manual_seed(0)
+    H, N, gamma = 5, 4, 0.9
+    cont = torch.rand(H + 1, N)
+    cont[:, 1] = 1.0  # never ends: gamma^t
+    cont[0, 2] = 0.0  # a terminal start: weighs nothing at any step
+    w = pd.imagination_weight(cont, gamma)
+    assert w.shape == (H, N)
+    for t in range(H):  # w_t = c_0 * prod_{i=1..t} gamma * c_i
+        torch.testing.assert_close(w[t], cont[0] * torch.prod(gamma * cont[1:t + 1], 0))
+    torch.testing.assert_close(w[:, 1], gamma ** torch.arange(H, dtype=torch.float32))
+    assert (w[:, 2] == 0).all() and (w[:, 0] > 0).all()
+
+
+class ContinueLogits(torch.nn.Module):
+    """Stands in for the continue head in imagination: state 0 (the posterior start) of the starts in `terminal`
+    is predicted terminal, every other state continues."""
+
+    def __init__(self, terminal):
+        super().__init__()
+        self.terminal = terminal
+
+    def forward(self, feats):  # (H+1, N, F) -> (H+1, N, 1)
+        logits = torch.full((*feats.shape[:-1], 1), 30.0)
+        logits[0, self.terminal] = -30.0
+        return logits
+
+
+def test_terminal_starts_carry_no_actor_critic_loss():
+    """[D3] weights imagined steps by cumprod(discount * continue) including the start state's continue: an
+    imagination that starts from a terminal state (the episode is over) must not train the actor or critic."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    wm_losses, (deter, stoch) = agent.wm.loss(fake_batch())
+    start = deter.detach().flatten(0, 1), stoch.detach().flatten(0, 1)
+    n = start[0].shape[0]
+    losses = {}
+    for name, terminal in (("none", torch.zeros(n, dtype=torch.bool)), ("all", torch.ones(n, dtype=torch.bool)),
+                           ("half", torch.arange(n) % 2 == 0)):
+        agent.wm.cont = ContinueLogits(terminal)  # this test's own agent: nothing to restore
+        torch.manual_seed(1)
+        losses[name] = {k: v.item() for k, v in agent.ac_loss(*start)[0].items()}
+    for k in ("policy", "value"):
+        assert abs(losses["none"][k]) > 1e-5 and abs(losses["all"][k]) < 1e-6 * abs(losses["none"][k]), (k, losses)
+        assert losses["half"][k] == pytest.approx(losses["none"][k] / 2, rel=0.3), (k, losses)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # PVM encoders: forward pass, preprocessing, and which parameters each mode trains
 # ---------------------------------------------------------------------------------------------------------
@@ -1234,6 +1282,41 @@ def test_non_finite_loss_stops_without_saving(tmp_path, capsys, monkeypatch):
     assert ckpt_steps(run_dir)[-1] == kept < stopped  # nothing new was saved
     assert runtime.read_checkpoint(runtime.checkpoint_paths(run_dir)[-1])["updates"] < 30
     assert all(np.isfinite(v) for r in read_rows(run_dir) for k, v in r.items())  # no NaN reached the logs
+
+
+def test_evaluation_leaves_the_training_run_unchanged(tmp_path, capsys):
+    """Evaluation runs on its own env with its own seeded streams: a run that evaluates every 20 steps trains on
+    exactly the data (episode starts, actions, frames) and reaches exactly the weights of a run that never
+    evaluates. (It once reset the training env with the evaluation seeds, so training starts depended on
+    --eval-every.)"""
+    states = {}
+    for name, flags in (("eval", ["--eval-every", "20", "--eval-episodes", "2"]), ("none", ["--eval-episodes", "0"])):
+        code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", name, "--total-steps",
+                                        "100", *flags], capsys)
+        assert code == 0, err
+        states[name] = runtime.read_checkpoint(runtime.checkpoint_paths(tmp_path / name)[-1])
+    evals = [r for r in read_rows(tmp_path / "eval") if "eval/return_mean" in r]
+    assert len(evals) >= 4 and not any("eval/return_mean" in r for r in read_rows(tmp_path / "none"))
+    a, b = states["eval"]["replay"]["data"], states["none"]["replay"]["data"]
+    first_frames = a["image"][a["is_first"]]
+    assert len(first_frames) >= 4 and np.array_equal(first_frames, b["image"][b["is_first"]])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(v, states["none"]["agent"][k]) for k, v in states["eval"]["agent"].items())
+
+
+def test_evaluation_is_deterministic_and_restores_torch_rng():
+    torch.manual_seed(0)
+    args = tiny_args(env="pointmass")
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    env = pd.make_run_env(args)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    first = pd.evaluate(agent, env, 2)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is untouched
+    torch.manual_seed(2)
+    assert np.array_equal(pd.evaluate(agent, env, 2), first)  # whatever the caller's seed
+    assert np.array_equal(pd.evaluate(None, env, 2), pd.evaluate(None, env, 2))
+    env.close()
 
 
 def test_same_seed_same_losses(tmp_path, capsys):
