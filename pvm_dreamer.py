@@ -458,8 +458,8 @@ PVM_NORM = {
 
 
 def load_pvm(pvm: str, pvm_id: str, random_init: bool) -> nn.Module:
-    """A transformers Dinov2Model / CLIPVisionModel: pre-trained via from_pretrained, or randomly initialised
-    from a config (tests, timing). Fails fast with one line when the weights are not reachable."""
+    """A transformers Dinov2Model / CLIPVisionModel: pre-trained via from_pretrained (a Hub id or a local
+    directory), or randomly initialised from a config (tests, timing). Missing weights are one line."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
     from transformers.utils import logging as hf_logging
 
@@ -472,19 +472,8 @@ def load_pvm(pvm: str, pvm_id: str, random_init: bool) -> nn.Module:
             return model_cls(config_cls.from_pretrained(pvm_id))
         raise UsageError(f"--pvm-random-init knows the architectures {sorted(PVM_ARCHS)}; for '{pvm_id}' pass "
                          "a local directory that holds its config.json")
-    try:  # 1) a local directory or the Hugging Face cache: instant, no network
-        return model_cls.from_pretrained(pvm_id, local_files_only=True)
-    except OSError:
-        pass
-    fix = (f"download it on a machine with internet (it is cached under HF_HOME, now "
-           f"{os.environ.get('HF_HOME', '~/.cache/huggingface')}), or pass a local directory with --pvm-id, "
-           "or use --pvm-random-init for an untrained model of the same architecture")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not runtime.hub_reachable():
-        raise UsageError(f"PVM weights '{pvm_id}' are not cached and the Hugging Face Hub is unreachable: {fix}")
-    try:  # 2) download
-        return model_cls.from_pretrained(pvm_id)
-    except OSError as e:
-        raise UsageError(f"cannot load PVM '{pvm_id}' ({str(e).splitlines()[0]}): check the id, or {fix}")
+    return runtime.from_pretrained(model_cls.from_pretrained, pvm_id, fix="pass a local directory with --pvm-id, "
+                                   "or use --pvm-random-init for an untrained model of the same architecture")
 
 
 class PVMEncoder(nn.Module):

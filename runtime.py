@@ -155,6 +155,35 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def from_pretrained(load, model_id: str, fix: str):
+    """load(model_id, ...), a transformers `from_pretrained`, that fails in one line instead of a traceback or
+    ~20 s of network retries. A local directory (an existing path, or one written as a path) loads from disk
+    only; a Hub id loads from the Hugging Face cache without network, else from the Hub when it answers."""
+    fix += f", or download it on a machine with internet (it is cached under HF_HOME, now " \
+           f"{os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+    first_line = lambda e: str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # noqa: E731
+    path = Path(model_id).expanduser()
+    if path.is_dir() or model_id.startswith(("/", "./", "../", "~")):
+        if not path.is_dir():
+            raise UsageError(f"'{model_id}' is no directory: pass a Hugging Face id, or a directory that holds "
+                             f"config.json and the weights; {fix}")
+        try:
+            return load(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load the model in {path} ({first_line(e)}): it must hold config.json and "
+                             "the weights, as `huggingface-cli download ID --local-dir DIR` writes them") from None
+    try:  # 1) the Hugging Face cache: instant, no network
+        return load(model_id, local_files_only=True)
+    except (OSError, ValueError):  # ValueError: huggingface_hub's HFValidationError, an id that cannot exist
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not hub_reachable():
+        raise UsageError(f"weights '{model_id}' are not cached and the Hugging Face Hub is unreachable: {fix}")
+    try:  # 2) download
+        return load(model_id)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load '{model_id}' ({first_line(e)}): check the id; {fix}") from None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoint files: RUN/checkpoints/ckpt_STEP.pt, the newest few of them, each verifiable on its own
 # ---------------------------------------------------------------------------------------------------------

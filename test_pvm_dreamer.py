@@ -401,6 +401,14 @@ def test_missing_pvm_weights_fail_fast_with_one_line(monkeypatch, tmp_path):
     assert time.time() - t < 10
     msg = str(e.value)
     assert "\n" not in msg and "HF_HOME" in msg and "--pvm-id" in msg
+    # A local directory that does not exist, or holds no model, is named as such (not blamed on the network).
+    with pytest.raises(pd.UsageError, match="is no directory"):
+        pd.load_pvm("dinov2", "/nonexistent/dinov2-small", random_init=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pd.UsageError, match="must hold config.json"):
+        pd.load_pvm("dinov2", str(tmp_path / "empty"), random_init=False)
+    with pytest.raises(pd.UsageError, match="not cached"):  # not a valid repo id: no HFValidationError traceback
+        pd.load_pvm("dinov2", "no//such id", random_init=False)
 
 
 def test_bad_sizes_are_rejected():
@@ -897,6 +905,41 @@ def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def project_imports() -> dict[str, set[str]]:
+    """module -> the project's modules it imports anywhere in its source (top level or inside a function)."""
+    import ast
+
+    mods = {p.stem for p in REPO.glob("*.py") if not p.stem.startswith("test_")}
+    graph = {}
+    for m in mods:
+        tree = ast.parse((REPO / f"{m}.py").read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] = names & mods - {m}
+    return graph
+
+
+def test_imports_run_one_way():
+    """shifts -> envs; pvm_dreamer -> envs, runtime; runtime imports nothing of the project; the scripts sit on
+    top and nothing imports them back (probe -> evaluate is script on script, still one way)."""
+    g = project_imports()
+    assert g["runtime"] == set() and g["envs"] == set() and g["shifts"] == {"envs"}
+    assert g["pvm_dreamer"] == {"envs", "runtime"}
+    scripts = {"evaluate", "probe", "bench", "sweep", "gallery"}
+    assert not any(g[m] & scripts for m in ("pvm_dreamer", "runtime", "envs", "shifts"))
+    seen, done = set(), set()
+
+    def visit(m, path):  # depth-first search for a cycle
+        assert m not in seen - done, f"import cycle: {' -> '.join(path + [m])}"
+        if m not in done:
+            seen.add(m)
+            for n in g[m]:
+                visit(n, path + [m])
+            done.add(m)
+    for m in g:
+        visit(m, [])
 
 
 def test_help_documents_every_flag():
