@@ -227,6 +227,90 @@ def test_training_raises_the_return(tmp_path, capsys, monkeypatch):
     assert evals[-1] > random_return + 9 and evals[-1] > evals[0] + 6, (random_return, evals)
 
 
+def test_continue_target_is_one_minus_terminal():
+    """The continue head is trained toward 1 - is_terminal: a head that predicts "continues" everywhere is
+    cheap on running steps and expensive exactly on the terminal one."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    with torch.no_grad():
+        agent.wm.cont[-1].weight.zero_()
+        agent.wm.cont[-1].bias.fill_(10.0)  # P(continue) = sigmoid(10)
+    batch = fake_batch()
+    batch["is_terminal"][0, 3] = True
+    con = agent.wm.loss(batch)[0]["con"]  # (B, T)
+    assert con[0, 3] > 9.9 and con.flatten()[torch.arange(con.numel()) != 3].max() < 1e-3, con
+
+
+class Cliff(gym.Env):
+    """A grey frame; an action a[0] < 0 steps off the cliff: the episode terminates (a black frame, reward 0);
+    otherwise reward 1, and a time limit of 10 steps. Random actions end most episodes early."""
+
+    observation_space = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.full((16, 16, 3), 128, np.uint8), {}
+
+    def step(self, action):
+        self.t += 1
+        if action[0] < 0:
+            return np.zeros((16, 16, 3), np.uint8), 0.0, True, False, {}
+        return np.full((16, 16, 3), 128, np.uint8), 1.0, False, self.t >= 10, {}
+
+
+def test_continue_head_learns_where_episodes_end():
+    """On a task with real terminations, the trained continue head predicts the end where it happens (on the
+    posterior of the terminal frame) and where it will happen (in imagination, after a step off the cliff),
+    and imagined discounts follow: stepping off weighs the rest of the rollout ~0."""
+    torch.manual_seed(0)
+    args = tiny_args(image_size=16, batch_size=8, batch_length=8, wm_lr=1e-3)
+    env = envs.PixelEnv(Cliff(), lambda frame: frame, lambda: None, 16, 1)
+    env.action_space.seed(0)
+    agent = pd.Dreamer(pd.make_encoder(args), 1, args)
+    opt = pd.make_optimizers(agent, args)
+    replay = pd.Replay(2000, (16, 16, 3), 1, seed=0)
+    collector = pd.Collector(agent, env, replay)
+    collector.reset(seed=0)
+    for _ in range(600):
+        collector.step(random_action=True)
+    for _ in range(150):
+        pd.train_step(agent, opt, pd.to_torch(replay.sample(8, 8), "cpu"))
+    batch = pd.to_torch(replay.sample(64, 8), "cpu")
+    with torch.no_grad():
+        _, (deter, stoch) = agent.wm.loss(batch)
+        feat = torch.cat([deter, stoch], -1)
+        p_cont = torch.sigmoid(agent.wm.cont(feat).squeeze(-1))  # (B, T)
+        term = batch["is_terminal"]
+        assert term.any() and (~term).any()
+        assert p_cont[term].mean() < 0.2 and p_cont[~term].mean() > 0.8, (p_cont[term], p_cont[~term].mean())
+        start = deter[~term], stoch[~term]  # (N, D), (N, S*C): states where the episode still runs
+        imagined = {}
+        for a in (-1.0, 1.0):
+            d, z = agent.wm.rssm.img_step(*start, torch.full((len(start[0]), 1), a))
+            imagined[a] = torch.sigmoid(agent.wm.cont(torch.cat([d, z], -1)).squeeze(-1)).mean().item()
+    assert imagined[-1.0] < 0.2 < 0.8 < imagined[1.0], imagined
+
+
+def test_latent_categoricals_keep_the_unimix_floor():
+    """Every class of every latent keeps probability >= unimix / C, however extreme the logits."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    rssm = pd.Dreamer(pd.make_encoder(args), 2, args).wm.rssm
+    S, C = rssm.stoch, rssm.classes
+    for scale in (1.0, 30.0, 1e4):
+        raw = torch.randn(64, S * C) * scale
+        raw[0] = 0.0
+        raw[1, 0] = 1e30  # one class takes everything
+        probs = rssm.logits(raw).exp()  # (64, S, C)
+        assert probs.shape == (64, S, C)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(64, S))
+        assert probs.min() >= args.unimix / C * (1 - 1e-5), probs.min()
+    assert probs[1, 0, 0] == pytest.approx(1 - args.unimix + args.unimix / C, rel=1e-5)
+
+
 @pytest.mark.parametrize("actor_grad", ["reinforce", "dynamics"])
 def test_actor_loss_trains_only_the_actor(actor_grad, monkeypatch):
     """The policy loss may backpropagate through the world model and the critic's bootstrap values
@@ -797,6 +881,20 @@ def test_metadrive_topdown_shifts(topdown):
     assert distance(noisy, base) > dists[-1]
 
 
+def test_metadrive_rng_state_round_trip(topdown):
+    """The scenario generator is part of the env's state: after an evaluation's seeded resets are undone, the
+    next seed-less reset draws the scenario it would have drawn."""
+    topdown.reset(seed=3)
+    saved = envs.rng_state(topdown)
+    expected = [topdown.reset()[0] for _ in range(2)]
+    envs.set_rng_state(topdown, saved)
+    for i in range(2):
+        topdown.reset(seed=20_000 + i)  # what evaluate() does
+    envs.set_rng_state(topdown, saved)
+    for frame in expected:
+        assert np.array_equal(topdown.reset()[0], frame)
+
+
 class FakeCamera(gym.Env):
     """Stands in for the `metadrive` RGB env (no assets here): sky above, road below."""
     observation_space = gym.spaces.Box(0, 255, (SIZE, SIZE, 3), np.uint8)
@@ -1360,6 +1458,52 @@ def test_evaluation_is_deterministic_and_restores_torch_rng():
     assert np.array_equal(pd.evaluate(agent, env, 2), first)  # whatever the caller's seed
     assert np.array_equal(pd.evaluate(None, env, 2), pd.evaluate(None, env, 2))
     env.close()
+
+
+def test_evaluating_on_the_training_env_puts_its_generators_back(tmp_path):
+    """Where evaluation must share the training env (MetaDrive: one engine per process), eval_row restores the
+    env's generators: the next training reset and random action are those of a run without evaluation."""
+    torch.manual_seed(0)
+    args = tiny_args(env="pointmass", eval_episodes=2)
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    env = pd.make_run_env(args)
+    env.reset(seed=5)
+    saved = envs.rng_state(env)
+    expected = env.reset()[0], env.action_space.sample()
+    envs.set_rng_state(env, saved)
+    row = pd.eval_row(agent, env, env, args, tmp_path, 0)
+    assert np.isfinite(row["eval/return_mean"])
+    got = env.reset()[0], env.action_space.sample()
+    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    env.close()
+
+
+class ActionLog(gym.Wrapper):
+    def __init__(self, env):
+        super().__init__(env)
+        self.actions = []
+
+    def step(self, action):
+        self.actions.append(np.array(action))
+        return self.env.step(action)
+
+
+def test_evaluation_acts_with_the_policy_mean():
+    """The evaluated policy is the actor's mean action: making the actor's spread 10x wider leaves every
+    evaluation action and return unchanged (sampled actions would scatter)."""
+    torch.manual_seed(0)
+    args = tiny_args(env="pointmass")
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    runs = []
+    for std_bias in (-20.0, 20.0):  # actor_dist: std = minstd 0.1 .. maxstd 1.0
+        with torch.no_grad():
+            agent.actor[-1].bias[2:] = std_bias
+        env = ActionLog(pd.make_run_env(args))
+        runs.append((pd.evaluate(agent, env, 2), np.stack(env.actions)))
+        env.close()
+    assert np.array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_allclose(runs[0][1], runs[1][1], atol=1e-6)
+    assert np.abs(runs[0][1]).max() < 0.5  # the untrained actor's mean is near 0: nothing clipped away
 
 
 def test_same_seed_same_losses(tmp_path, capsys):
