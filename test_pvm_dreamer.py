@@ -227,6 +227,75 @@ def test_training_raises_the_return(tmp_path, capsys, monkeypatch):
     assert evals[-1] > random_return + 9 and evals[-1] > evals[0] + 6, (random_return, evals)
 
 
+def test_reconstruction_gradient_reaches_the_posterior_through_the_latent_sample():
+    """The decoder reads the sampled latent z_t; its straight-through gradient must reach the posterior
+    network (and the encoder) — a stop-grad there leaves the representation trained by the KL terms alone."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    losses, _ = agent.wm.loss(fake_batch(T=1))  # one step: z_0 is the only way from the posterior to the decoder
+    losses["rec"].mean().backward()
+    post = agent.wm.rssm.post_net[-1].weight.grad
+    assert post is not None and post.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.wm.encoder.parameters())
+
+
+class ConstantLogits(torch.nn.Module):
+    """Stands in for a head: the same logits for every input, (..., F) -> (..., K)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, feats):
+        return self.logits.expand(*feats.shape[:-1], -1)
+
+
+def test_imagined_returns_stop_where_the_episode_ends():
+    """Imagined returns discount by gamma * P(continue): with reward 1 at every step and every imagined state
+    terminal, each lambda-return is exactly the next reward, 1, with no bootstrap from later steps."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    _, (deter, stoch) = agent.wm.loss(fake_batch())
+    one = torch.log(pd.twohot(pd.symlog(torch.tensor(1.0)), pd.BINS) + 1e-12)  # a reward head predicting 1
+    agent.wm.reward, agent.wm.cont = ConstantLogits(one), ConstantLogits(torch.tensor([-30.0]))
+    with torch.no_grad():
+        agent.critic[-1].bias.copy_(torch.log(pd.twohot(pd.symlog(torch.tensor(5.0)), pd.BINS) + 1e-12))
+    metrics = agent.ac_loss(deter.flatten(0, 1), stoch.flatten(0, 1))[1]
+    assert metrics["imag_reward"].item() == pytest.approx(1.0, rel=1e-3)
+    assert metrics["ret"].item() == pytest.approx(1.0, rel=1e-3)  # not 1 + gamma * (value 5 ...)
+
+
+def test_slow_critic_follows_the_critic_and_regularises_it():
+    """[D3]'s slow critic: an EMA of the critic (rate --slow-critic-rate per update) whose predictions the
+    critic is also regressed onto, so moving the slow critic changes the value loss."""
+    torch.manual_seed(0)
+    args = tiny_args()
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    opt = pd.make_optimizers(agent, args)
+    with torch.no_grad():  # start the slow critic away from the critic, so the EMA step is visible
+        for p in agent.slow_critic.parameters():
+            p.add_(0.1)
+    slow_before = [p.detach().clone() for p in agent.slow_critic.parameters()]
+    pd.train_step(agent, opt, fake_batch())
+    for old, new, fast in zip(slow_before, agent.slow_critic.parameters(), agent.critic.parameters()):
+        torch.testing.assert_close(new, old + args.slow_critic_rate * (fast - old))
+    _, (deter, stoch) = agent.wm.loss(fake_batch())
+    start = deter.detach().flatten(0, 1), stoch.detach().flatten(0, 1)
+    value = {}
+    with torch.no_grad():  # a critic sure of 0 (zero-initialised, it is uniform and every target costs the same)
+        agent.critic[-1].bias.copy_(torch.log(pd.twohot(pd.symlog(torch.tensor(0.0)), pd.BINS) + 1e-3))
+    for target in (None, 10.0):  # the slow critic as it is, and one that predicts 10 everywhere
+        if target is not None:
+            with torch.no_grad():
+                agent.slow_critic[-1].weight.zero_()
+                agent.slow_critic[-1].bias.copy_(torch.log(pd.twohot(pd.symlog(torch.tensor(target)), pd.BINS) + 1e-12))
+        torch.manual_seed(1)
+        value[target] = agent.ac_loss(*start)[0]["value"].item()
+    assert value[10.0] > value[None] + 0.2, value
+
+
 def test_continue_target_is_one_minus_terminal():
     """The continue head is trained toward 1 - is_terminal: a head that predicts "continues" everywhere is
     cheap on running steps and expensive exactly on the terminal one."""
@@ -1423,6 +1492,16 @@ def test_non_finite_loss_stops_without_saving(tmp_path, capsys, monkeypatch):
     assert ckpt_steps(run_dir)[-1] == kept < stopped  # nothing new was saved
     assert runtime.read_checkpoint(runtime.checkpoint_paths(run_dir)[-1])["updates"] < 30
     assert all(np.isfinite(v) for r in read_rows(run_dir) for k, v in r.items())  # no NaN reached the logs
+
+
+def test_train_ratio_sets_the_number_of_updates(tmp_path, capsys):
+    """--train-ratio R: R replayed steps per env step, i.e. one update of B*T steps every B*T/R env steps once
+    learning has started. SURVIVE: B*T = 16, R = 4, learning from step 20: steps 20..100 owe 81/4 updates."""
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "r", "--total-steps", "100"],
+                                   capsys)
+    assert code == 0, err
+    state = runtime.read_checkpoint(runtime.checkpoint_paths(tmp_path / "r")[-1])
+    assert state["step"] == 100 and state["updates"] == 81 // 4 and state["updates_due"] == pytest.approx(0.25)
 
 
 def test_evaluation_leaves_the_training_run_unchanged(tmp_path, capsys):
