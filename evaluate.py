@@ -199,19 +199,20 @@ def markdown_table(agg: list[dict]) -> str:
         encoders = list(dict.fromkeys(a["encoder"] for a in rows))
         get = {(a["encoder"], a["shift"], a["severity"]): a for a in rows}
         sevs = [s for s in SEVERITY_ORDER if any(a["shift"] == "mean" and a["severity"] == s for a in rows)]
+        head = ["encoder", "seeds", "random", "ID", *sevs]
         lines += [f"### {env}", "", "Return (drop %) averaged over all shifts at each severity; mean ± SE over seeds.",
-                  "", "| encoder | seeds | random | ID | " + " | ".join(sevs) + " |",
-                  "|---" * (4 + len(sevs)) + "|"]
+                  "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for enc in encoders:
             rnd, idr = get.get((enc, "random", "none")), get.get((enc, "none", "none"))
-            cells = [cell(get.get((enc, "mean", s))) for s in sevs]
-            lines.append(f"| {enc} | {idr['n'] if idr else 0} | {fmt(rnd and rnd['mean'], rnd and rnd['se'])} | "
-                         f"{fmt(idr and idr['mean'], idr and idr['se'])} | " + " | ".join(cells) + " |")
-        lines += ["", "| encoder | shift | severity | return | drop % |", "|---|---|---|---|---|"]
-        for a in rows:
-            if a["shift"] not in ("random", "none", "mean"):
-                lines.append(f"| {a['encoder']} | {a['shift']} | {a['severity']} | {fmt(a['mean'], a['se'])} | "
-                             f"{fmt(a['drop'], a['drop_se'])} |")
+            cells = [enc, str(idr["n"] if idr else 0), fmt(rnd and rnd["mean"], rnd and rnd["se"]),
+                     fmt(idr and idr["mean"], idr and idr["se"]), *(cell(get.get((enc, "mean", s))) for s in sevs)]
+            lines.append("| " + " | ".join(cells) + " |")
+        shifted = [a for a in rows if a["shift"] not in ("random", "none", "mean")]
+        if shifted:
+            lines += ["", "| encoder | shift | severity | return | drop % |", "|---|---|---|---|---|"]
+        for a in shifted:
+            lines.append(f"| {a['encoder']} | {a['shift']} | {a['severity']} | {fmt(a['mean'], a['se'])} | "
+                         f"{fmt(a['drop'], a['drop_se'])} |")
         undefined = [a for a in rows if a["shift"] not in ("random", "none") and a["drop_n"] < a["n"]]
         if undefined:
             encs = sorted({a["encoder"] for a in undefined})

@@ -1238,6 +1238,8 @@ def test_one_evaluation_path_training_and_evaluate_py_agree(tmp_path, capsys):
     assert [(r["policy"], r["shift"]) for r in rows] == [("random", "none"), ("agent", "none")]
     assert logged[-1]["step"] == 60 and rows[1]["mean"] == logged[-1]["eval/return_mean"]
     assert rows[0]["mean"] == random_logged["eval/random_return_mean"]
+    table = [line for line in (tmp_path / "r" / "shift_eval.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 3 and len({line.count("|") for line in table}) == 1, table  # a well-formed table
 
 
 # ---------------------------------------------------------------------------------------------------------
