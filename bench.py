@@ -18,12 +18,10 @@ a shared CPU the wall clock also counts everyone else's work, so "x CNN" is comp
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import resource
 import time
 
-import numpy as np
 import torch
 
 import pvm_dreamer as pd

@@ -23,7 +23,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import envs  # noqa: F401  (first: sets the headless-rendering variables before mujoco loads)
 import pvm_dreamer as pd

@@ -1,0 +1,769 @@
+"""Tests of runs and the scripts on top of the method: the command line, logs, checkpoints, resume, kills and
+signals (runtime.py), one evaluation path, evaluate.py, probe.py, bench.py and sweep.py. Offline, CPU."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import envs
+import pvm_dreamer as pd
+import runtime
+import shifts
+from test_pvm_dreamer import REPO, TINY, main_in_process, read_rows, tiny_args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: the command line, logs, checkpoints, resume
+# ---------------------------------------------------------------------------------------------------------
+E2E = ["--env", "reacher", "--size", "tiny", "--image-size", "32", "--pvm-image-size", "32", "--pvm-id", "tiny",
+       "--pvm-random-init", "--total-steps", "200", "--learning-starts", "100", "--train-ratio", "64",
+       "--batch-size", "4", "--batch-length", "16", "--eval-every", "100", "--eval-episodes", "2",
+       "--checkpoint-every", "100", "--log-every", "50"]
+
+
+def run_cli(args, tmp_path, check=True):
+    proc = subprocess.run([sys.executable, str(REPO / "pvm_dreamer.py"), "--logdir", str(tmp_path), *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+
+@pytest.mark.parametrize("pvm,mode", [("none", "full"), ("dinov2", "frozen"), ("dinov2", "partial"),
+                                      ("dinov2", "full"), ("clip", "frozen"), ("clip", "partial"), ("clip", "full")])
+def test_end_to_end_run_writes_logs_and_a_loadable_checkpoint(pvm, mode, tmp_path):
+    video = ["--capture-video"] if pvm == "none" else []
+    proc = run_cli([*E2E, "--pvm", pvm, "--mode", mode, "--run-name", "r", "--finetune-blocks", "2", *video], tmp_path)
+    run_dir = tmp_path / "r"
+    assert "trainable" in proc.stdout
+    if video:  # one video per evaluation (step 0, 100, 200), each a readable clip of 32x32 frames
+        import imageio.v3 as iio
+
+        clips = sorted(run_dir.glob("videos/*.mp4"))
+        assert len(clips) == 3
+        assert iio.imread(clips[-1]).shape[1:] == (32, 32, 3)
+    rows = read_rows(run_dir)
+    assert any("wm/loss" in r for r in rows) and any("eval/return_mean" in r for r in rows)
+    assert any("eval/random_return_mean" in r for r in rows)
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    args = pd.Args(env="reacher", pvm=pvm, mode=mode, finetune_blocks=2, **TINY)
+    state = pd.load_checkpoint(run_dir, args)
+    assert state["step"] == 200 and state["updates"] > 0
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    agent.load_state_dict(state["agent"])  # every tensor matches the freshly built model
+
+
+def test_resume_continues_at_the_saved_step(tmp_path):
+    run_cli([*E2E, "--run-name", "r"], tmp_path)
+    run_dir = tmp_path / "r"
+    first = pd.load_checkpoint(run_dir, pd.Args(env="reacher", **TINY))
+    rows_before = read_rows(run_dir)
+    proc = run_cli([*E2E, "--total-steps", "300", "--resume", str(run_dir)], tmp_path)
+    state = pd.load_checkpoint(run_dir, pd.Args(env="reacher", **TINY))
+    assert first["step"] == 200 and state["step"] == 300 and state["updates"] > first["updates"]
+    rows = read_rows(run_dir)
+    steps = [r["step"] for r in rows if "charts/episodic_return" in r]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 300
+    assert rows[:len(rows_before)] == rows_before  # the first run's rows are kept, none duplicated
+    # A checkpoint from another configuration is refused with the flags to use.
+    proc = run_cli([*E2E, "--pvm", "clip", "--resume", str(run_dir)], tmp_path, check=False)
+    assert proc.returncode == 2 and "--pvm none" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--env", "atari"], "atari"),
+    (["--image-size", "50"], "image-size 50"),
+    (["--pvm", "dinov2", "--finetune-blocks", "9"], "finetune-blocks 9"),
+    (["--device", "cuda:0"], "cuda"),
+    (["--pvm", "foo"], "'--pvm'"),  # tyro's own errors, folded into one line
+    (["--checkpoint-evry", "5"], "perhaps you meant --checkpoint-every"),
+])
+def test_bad_input_gives_one_line_error(flags, needle, tmp_path):
+    if "cuda" in needle and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = run_cli([*E2E, *flags], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def project_imports() -> dict[str, set[str]]:
+    """module -> the project's modules it imports anywhere in its source (top level or inside a function)."""
+    import ast
+
+    mods = {p.stem for p in REPO.glob("*.py") if not p.stem.startswith("test_")}
+    graph = {}
+    for m in mods:
+        tree = ast.parse((REPO / f"{m}.py").read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] = names & mods - {m}
+    return graph
+
+
+def test_imports_run_one_way():
+    """shifts -> envs; pvm_dreamer -> envs, runtime; runtime imports nothing of the project; the scripts sit on
+    top and nothing imports them back (probe -> evaluate is script on script, still one way)."""
+    g = project_imports()
+    assert g["runtime"] == set() and g["envs"] == set() and g["shifts"] == {"envs"}
+    assert g["pvm_dreamer"] == {"envs", "runtime"}
+    scripts = {"evaluate", "probe", "bench", "sweep", "gallery"}
+    assert not any(g[m] & scripts for m in ("pvm_dreamer", "runtime", "envs", "shifts"))
+    seen, done = set(), set()
+
+    def visit(m, path):  # depth-first search for a cycle
+        assert m not in seen - done, f"import cycle: {' -> '.join(path + [m])}"
+        if m not in done:
+            seen.add(m)
+            for n in g[m]:
+                visit(n, path + [m])
+            done.add(m)
+    for m in g:
+        visit(m, [])
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, str(REPO / "pvm_dreamer.py"), "--help"], capture_output=True,
+                         text=True, timeout=120).stdout
+    for name in pd.Args.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in out, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation under shift (evaluate.py): drop %, aggregation over seeds, checkpoint -> table end to end
+# ---------------------------------------------------------------------------------------------------------
+import evaluate as ev  # noqa: E402
+
+
+def test_drop_percent():
+    assert ev.drop_percent(100.0, 75.0, 0.0) == 25.0
+    assert ev.drop_percent(-10.0, -40.0, -40.0) == 100.0  # as bad as random
+    assert ev.drop_percent(10.0, 12.0, 2.0) == -25.0  # better than in distribution
+    assert ev.drop_percent(5.0, 0.0, 5.0) is None and ev.drop_percent(1.0, 0.0, 3.0) is None  # ID <= random
+
+
+def shift_rows(pvm, mode, seed, id_ret, rnd, shifted: dict, env="pusher"):
+    base = dict(env=env, pvm=pvm, mode=mode, seed=seed, step=100, std=0.0, episodes=1)
+    rows = [dict(base, policy="random", shift="none", severity="none", mean=rnd, returns=[rnd]),
+            dict(base, policy="agent", shift="none", severity="none", mean=id_ret, returns=[id_ret])]
+    return rows + [dict(base, policy="agent", shift=s, severity=v, mean=x, returns=[x]) for (s, v), x in shifted.items()]
+
+
+def test_aggregate_mean_and_standard_error_over_seeds():
+    rows = (shift_rows("dinov2", "partial", 1, 10.0, 0.0, {("color", "hard"): 5.0, ("table", "hard"): 10.0})
+            + shift_rows("dinov2", "partial", 2, 20.0, 0.0, {("color", "hard"): 10.0, ("table", "hard"): 0.0})
+            + shift_rows("none", "scratch", 1, 1.0, 2.0, {("color", "hard"): 0.0, ("table", "hard"): 1.0}))
+    agg = {(a["encoder"], a["shift"], a["severity"]): a for a in ev.aggregate(rows)}
+    a = agg[("dinov2-partial", "none", "none")]
+    assert a["n"] == 2 and a["mean"] == 15.0 and a["se"] == pytest.approx(np.std([10, 20], ddof=1) / np.sqrt(2))
+    a = agg[("dinov2-partial", "color", "hard")]  # drops 50 % and 50 %
+    assert a["mean"] == 7.5 and a["drop"] == 50.0 and a["drop_se"] == 0.0
+    a = agg[("dinov2-partial", "table", "hard")]  # drops 0 % and 100 %
+    assert a["drop"] == 50.0 and a["drop_se"] == pytest.approx(50.0)
+    a = agg[("dinov2-partial", "mean", "hard")]  # per seed mean over shifts: 7.5 (drop 25 %), 5 (drop 75 %)
+    assert a["mean"] == 6.25 and a["drop"] == 50.0
+    cnn = agg[("cnn", "color", "hard")]  # one seed, ID below random: no SE, drop undefined
+    assert cnn["se"] is None and cnn["drop"] is None and agg[("cnn", "random", "none")]["mean"] == 2.0
+    md = ev.markdown_table(ev.aggregate(rows))
+    assert "| dinov2-partial | 2 | 0.0 ± 0.0 | 15.0 ± 5.0 | 6.2 ± 1.2 (50 ± 25) |" in md
+    assert "| cnn | color | hard | 0.0 | n/a |" in md and "ID return <= random" in md
+    with pytest.raises(pd.UsageError, match="once"):  # the same run passed twice
+        ev.aggregate(rows + rows[:2])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("shift_eval")
+    pd.main(["--env", "reacher", "--size", "tiny", "--image-size", "32", "--total-steps", "120", "--learning-starts",
+             "60", "--batch-size", "2", "--batch-length", "8", "--eval-episodes", "1", "--logdir", str(logdir),
+             "--run-name", "r"])
+    return logdir / "r"
+
+
+def test_evaluate_command_writes_the_table(tiny_run, tmp_path):
+    import csv
+
+    ev.main([str(tiny_run), "--episodes", "1", "--shifts", "color,table", "--severities", "hard", "--capture-video",
+             "--video-shift", "table:hard"])
+    rows = json.loads((tiny_run / "shift_eval.json").read_text())["rows"]
+    conds = [(r["policy"], r["shift"], r["severity"]) for r in rows]
+    assert conds == [("random", "none", "none"), ("agent", "none", "none"), ("agent", "color", "hard"),
+                     ("agent", "table", "hard")]
+    assert all(r["step"] == 120 and r["seed"] == 1 and r["pvm"] == "none" and len(r["returns"]) == 1 for r in rows)
+    with open(tiny_run / "shift_eval.csv") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == ev.CSV_COLUMNS and len(table) == 4 and table[0]["policy"] == "random"
+    md = (tiny_run / "shift_eval.md").read_text()
+    assert "| cnn | color | hard |" in md and "| cnn | table | hard |" in md
+    assert sorted(p.name for p in tiny_run.glob("videos/shift_eval_*.mp4")) == ["shift_eval_none_none.mp4",
+                                                                              "shift_eval_table_hard.mp4"]
+    # Two seeds' results (the second a relabelled copy) -> aggregate table and plot from the command line.
+    other = json.loads((tiny_run / "shift_eval.json").read_text())
+    for r in other["rows"]:
+        r["seed"], r["mean"] = 2, r["mean"] + 1.0
+    (tmp_path / "s2.json").write_text(json.dumps(other))
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), "aggregate", str(tiny_run / "shift_eval.json"),
+                           str(tmp_path / "s2.json"), "--out", str(tmp_path / "t.md"), "--plot",
+                           str(tmp_path / "p.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| cnn | 2 |" in (tmp_path / "t.md").read_text() and " ± 0.5" in proc.stdout
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flags,needle", [(["--shifts", "fog"], "camera"), (["--severities", "extreme"], "medium"),
+                                          (["--episodes", "0"], "at least 1")])
+def test_evaluate_bad_input_is_one_line(tiny_run, flags, needle):
+    proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tiny_run), *flags], capture_output=True,
+                          text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+def test_checkpoint_lookup_takes_the_newest_intact_one(tmp_path):
+    for step in (100, 200):
+        runtime.save_checkpoint(tmp_path, dict(format=runtime.CHECKPOINT_FORMAT, step=step), keep=3)
+    newest = tmp_path / "checkpoints" / "ckpt_000000200.pt"
+    assert runtime.newest_intact(tmp_path)[0] == newest
+    newest.write_bytes(newest.read_bytes()[:-100])  # truncated: skipped for the one before
+    ckpt, state = runtime.newest_intact(tmp_path)
+    assert ckpt == tmp_path / "checkpoints" / "ckpt_000000100.pt" and state["step"] == 100
+    assert newest.exists()  # reported, not renamed, without fix_corrupt
+    assert runtime.newest_intact(tmp_path / "missing") is None
+    with pytest.raises(pd.UsageError, match="no such run directory"):
+        ev.load_agent(tmp_path / "missing", "cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pd.UsageError, match="no checkpoint in"):
+        ev.load_agent(tmp_path / "empty", "cpu")
+
+
+def test_one_evaluation_path_training_and_evaluate_py_agree(tmp_path, capsys):
+    """The evaluation logged at the end of training and evaluate.py's in-distribution row score the same
+    checkpoint on the same starts with the same function: the same returns, to the last digit. (pointmass has
+    no shifts, so evaluate.py evaluates in distribution only, as --shifts none would.)"""
+    pd.main(["--env", "pointmass", "--size", "tiny", "--image-size", "32", "--total-steps", "60", "--learning-starts",
+             "30", "--batch-size", "2", "--batch-length", "8", "--eval-episodes", "2", "--logdir", str(tmp_path),
+             "--run-name", "r"])
+    logged = [r for r in read_rows(tmp_path / "r") if "eval/return_mean" in r]
+    random_logged = next(r for r in read_rows(tmp_path / "r") if "eval/random_return_mean" in r)
+    ev.main([str(tmp_path / "r"), "--episodes", "2"])
+    assert "pointmass has no visual shifts" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "r" / "shift_eval.json").read_text())["rows"]
+    assert [(r["policy"], r["shift"]) for r in rows] == [("random", "none"), ("agent", "none")]
+    assert logged[-1]["step"] == 60 and rows[1]["mean"] == logged[-1]["eval/return_mean"]
+    assert rows[0]["mean"] == random_logged["eval/random_return_mean"]
+    table = [line for line in (tmp_path / "r" / "shift_eval.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 3 and len({line.count("|") for line in table}) == 1, table  # a well-formed table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segmentation probe (probe.py): Jaccard, the attention-mass threshold, ground truth, end to end
+# ---------------------------------------------------------------------------------------------------------
+import probe  # noqa: E402
+
+
+def test_jaccard_on_constructed_masks():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True  # top half
+    assert probe.jaccard(a, a) == 1.0
+    assert probe.jaccard(a, ~a) == 0.0
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True  # shares one row of two with a: 4 / 12
+    assert probe.jaccard(a, b) == pytest.approx(1 / 3)
+    assert probe.jaccard(a, np.ones((4, 4), bool)) == 0.5
+    assert probe.jaccard(np.zeros(3, bool), np.zeros(3, bool)) == 1.0
+
+
+def test_top_mass_mask_keeps_the_smallest_set_holding_the_mass():
+    att = np.array([[0.1, 0.5], [0.3, 0.1]])
+    assert probe.top_mass_mask(att, 0.6).tolist() == [[False, True], [True, False]]  # 0.5 < 0.6 <= 0.8
+    assert probe.top_mass_mask(att, 0.5).tolist() == [[False, True], [False, False]]  # 0.5 alone holds it
+    assert probe.top_mass_mask(att, 1.0).all()
+    batch = np.stack([att * 7.0, att[::-1]])  # scale-free, and each map of a batch on its own
+    out = probe.top_mass_mask(batch, 0.6)
+    assert out.shape == (2, 2, 2) and (out[0] == probe.top_mass_mask(att, 0.6)).all() and (out[1] == out[0][::-1]).all()
+
+
+def test_ground_truth_mask_covers_the_task_objects_and_follows_the_arm():
+    frames, masks = probe.collect("pusher", "none", "none", n=4, image_size=64, seed=0)
+    assert frames.shape == (4, 64, 64, 3) and masks.shape == (4, 64, 64)
+    assert all(0.02 < m.mean() < 0.5 for m in masks)  # objects in view, table and background not in the mask
+    red = (frames[..., 0] > 180) & (frames[..., 1] < 60) & (frames[..., 2] < 60)  # the red goal's pixels
+    assert red.any() and masks[red].mean() > 0.9
+    assert (masks[0] != masks[-1]).sum() > 20  # random actions moved the arm over 15 steps
+    env = shifts.make_shifted_env("pusher", seed=0, image_size=64)
+    env.reset(seed=0)
+    geoms = probe.task_geoms(env.unwrapped.model, "pusher")
+    before = probe.mujoco_segmentation(env, geoms)
+    for _ in range(5):
+        env.step(np.ones(7, np.float32))
+    after = probe.mujoco_segmentation(env, geoms)
+    env.close()
+    assert before.any() and (before != after).sum() > 20
+
+
+@pytest.mark.parametrize("pvm", ["dinov2", "clip"])
+def test_probe_end_to_end_on_random_tiny_pvm(pvm, tmp_path, capsys):
+    out = tmp_path / "probe.png"
+    torch.manual_seed(0)  # the random tiny ViT
+    summary = probe.main(["--pvm", pvm, "--pvm-id", "tiny", "--pvm-random-init", "--env", "pusher", "--image-size",
+                          "32", "--pvm-image-size", "32", "--frames", "3", "--shift", "color", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in printed and "Jaccard" in printed
+    assert set(summary["results"]) == {"ID", "color:hard"} and summary["random_weights"]
+    for r in summary["results"].values():
+        assert 0.0 <= r["mean"] <= 1.0 and 0.0 < r["chance"] < 1.0 and len(r["per_frame"]) == 3 and len(r["per_head"]) == 2
+        assert 0.0 < r["attn_fraction"] < 1.0  # a mask, neither empty nor every patch
+    assert out.read_bytes()[:4] == b"\x89PNG" and json.loads(out.with_suffix(".json").read_text())["env"] == "pusher"
+
+
+@pytest.mark.parametrize("flags,needle", [(["--env", "metadrive-topdown"], "unsupported"),
+                                          (["--shift", "fog"], "camera"), ([], "--pvm dinov2|clip")])
+def test_probe_bad_input_is_one_line(flags, needle, capsys):
+    pvm = [] if not flags else ["--pvm", "dinov2", "--pvm-id", "tiny", "--pvm-random-init", "--pvm-image-size", "32"]
+    with pytest.raises(SystemExit) as e:
+        probe.main([*pvm, "--image-size", "32", "--frames", "1", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+# --- runs that survive: crash-safe checkpoints, resume, pre-emption, NaN stop, one-line errors for bad input ---
+SURVIVE = ["--env", "pointmass", "--size", "tiny", "--image-size", "32", "--batch-size", "2", "--batch-length", "8",
+           "--learning-starts", "20", "--train-ratio", "4", "--eval-episodes", "1", "--eval-every", "50",
+           "--log-every", "10", "--checkpoint-every", "15", "--keep-checkpoints", "2"]
+PVM_TINY = ["--pvm-id", "tiny", "--pvm-random-init", "--pvm-image-size", "32"]
+
+
+
+def ckpt_steps(run_dir):
+    return [int(p.stem.split("_")[1]) for p in runtime.checkpoint_paths(run_dir)]
+
+
+# Runs pvm_dreamer.py with os.replace slowed down for checkpoint renames: the process then sits between writing
+# ckpt.tmp and renaming it for SECONDS, so a test can kill it there.
+SLOW_SAVE = """import os, runpy, sys, time
+seconds, replace, sys.argv = float(sys.argv[1]), os.replace, sys.argv[2:]  # argv: pvm_dreamer.py FLAGS...
+def slow_replace(src, dst, *a, **kw):
+    if os.path.basename(src) == "ckpt.tmp":
+        time.sleep(seconds)
+    return replace(src, dst, *a, **kw)
+os.replace = slow_replace
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def spawn(run_dir, *flags, slow_save: float = 0.0):
+    log = open(run_dir.parent / f"{run_dir.name}.{time.time_ns()}.log", "w")
+    slow = ["-c", SLOW_SAVE, str(slow_save)] if slow_save else []
+    cmd = [sys.executable, *slow, str(REPO / "pvm_dreamer.py"), *SURVIVE, "--logdir", str(run_dir.parent), *flags]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir.parent)
+
+
+def wait_for(cond, proc, timeout=300.0):  # generous: start-up alone takes minutes on a busy 2-core machine
+    end = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, f"the run exited ({proc.returncode}) before the point to kill it"
+        assert time.time() < end, "timed out waiting for the run"
+        time.sleep(0.02)
+
+
+def test_kill_9_at_random_points_then_resume(tmp_path):
+    """SIGKILL at 6 random points (one during start-up, two inside a checkpoint write, between the write and
+    the rename), resuming each time: the run ends at its last step, the checkpoint chain is short and intact,
+    and the episode rows tile the timeline with no row missing or repeated, in metrics.jsonl and TensorBoard."""
+    import random
+
+    rng, run_dir, total = random.Random(0), tmp_path / "r", 200
+    resumed_from = [0]
+    for i in range(6):
+        slow = i in (2, 4)
+        newest = max(ckpt_steps(run_dir), default=-1)
+        t0 = time.time()
+        proc = spawn(run_dir, "--total-steps", str(total), *(["--resume", str(run_dir)] if i else ["--run-name", "r"]),
+                     slow_save=1.0 if slow else 0.0)
+        if i:
+            resumed_from.append(newest)
+        tmp = run_dir / "checkpoints" / "ckpt.tmp"
+        if i == 1:  # during start-up (imports, model build): nothing may change
+            time.sleep(rng.uniform(0.2, 1.5))
+        elif slow:  # inside save_checkpoint, after the tmp file is written and before its rename
+            wait_for(lambda: tmp.exists() and tmp.stat().st_mtime > t0 and max(ckpt_steps(run_dir)) >= 0, proc)
+            time.sleep(rng.uniform(0.1, 0.8))
+        else:  # anywhere in the loop, once this process has written a checkpoint of its own
+            wait_for(lambda: max(ckpt_steps(run_dir), default=-1) > newest, proc)
+            time.sleep(rng.uniform(0.0, 1.0))
+        proc.kill()
+        proc.wait()
+        if slow:
+            assert tmp.exists() and max(ckpt_steps(run_dir)) == newest  # the killed write left only ckpt.tmp
+    resumed_from.append(max(ckpt_steps(run_dir)))
+    print("resumed from steps", resumed_from)
+    proc = spawn(run_dir, "--total-steps", str(total), "--resume", str(run_dir))
+    assert proc.wait(timeout=120) == 0
+
+    steps = ckpt_steps(run_dir)
+    assert steps[-1] == total and len(steps) <= 2 and steps == sorted(set(steps))
+    assert not list(run_dir.glob("checkpoints/*.corrupt"))  # a kill never leaves a bad checkpoint
+    assert len(set(resumed_from)) >= 3  # the kills landed at different steps
+    rows = read_rows(run_dir)
+    episodes = [(r["step"], r["charts/episodic_length"]) for r in rows if "charts/episodic_return" in r]
+    ends = [s for s, _ in episodes]
+    assert ends == sorted(set(ends)) and total - 25 < ends[-1] <= total  # pointmass episodes: 25 steps
+    # Each episode starts where the previous one ended, or at the checkpoint a resumed run started from.
+    for (prev, _), (end, length) in zip([(0, 0), *episodes], episodes):
+        start = end - length
+        assert start == prev or (start in resumed_from and start > prev), (prev, end, length, resumed_from)
+    evals = [r["step"] for r in rows if "eval/return_mean" in r]
+    assert evals == sorted(set(evals)) and evals[-1] == total
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("charts/episodic_return")] == ends
+
+
+def test_corrupt_newest_checkpoint_is_reported_kept_and_skipped(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    code, _, _ = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "r", "--total-steps", "45",
+                                  "--keep-checkpoints", "3"], capsys)
+    assert code == 0 and ckpt_steps(run_dir) == [15, 30, 45]
+    newest, middle = runtime.checkpoint_paths(run_dir)[-1], runtime.checkpoint_paths(run_dir)[-2]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a full disk
+    data = bytearray(middle.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor: torch.load alone would not notice
+    middle.write_bytes(bytes(data))
+    with pytest.raises(runtime.CorruptCheckpoint, match="sha256"):
+        runtime.read_checkpoint(middle)
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--total-steps", "60", "--resume",
+                                    str(run_dir)], capsys)
+    assert code == 0, err
+    reports = [line for line in err.splitlines() if "is corrupt" in line]
+    assert len(reports) == 2 and all(line.endswith("using ckpt_000000015.pt") for line in reports), reports
+    assert "truncated" in reports[0] and "sha256" in reports[1]
+    assert sorted(p.name for p in run_dir.glob("checkpoints/*.corrupt")) == [middle.name + ".corrupt",
+                                                                               newest.name + ".corrupt"]
+    assert ckpt_steps(run_dir)[-1] == 60
+    rows = [r["step"] for r in read_rows(run_dir) if "charts/episodic_return" in r]
+    assert rows == sorted(set(rows)) and 15 < rows[-1] <= 60
+    # Naming the corrupt file itself is an error, not a silent fallback.
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--resume",
+                                    str(run_dir / "checkpoints" / (newest.name + ".corrupt"))], capsys)
+    assert code == 2 and err.startswith("error:") and "corrupt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_at_the_current_step_and_exits_0_and_a_second_signal_aborts(tmp_path):
+    import signal
+
+    run_dir = tmp_path / "r"
+    proc = spawn(run_dir, "--run-name", "r", "--total-steps", "100000", "--checkpoint-every", "100000")
+    wait_for(lambda: ckpt_steps(run_dir) == [0], proc)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    log = next(tmp_path.glob("r.*.log")).read_text()
+    stopped = int(log.split("stopped by SIGTERM at step ")[1].split(",")[0])
+    assert stopped > 0 and ckpt_steps(run_dir) == [0, stopped]  # mid-episode, off the --checkpoint-every grid
+    assert pd.load_checkpoint(run_dir, pd.Args(env="pointmass", size="tiny", image_size=32))["step"] == stopped
+    # A second signal while the checkpoint is being written aborts at once, leaving the older checkpoints.
+    proc = spawn(run_dir, "--total-steps", "100000", "--resume", str(run_dir),
+                 slow_save=120.0)
+    tmp = run_dir / "checkpoints" / "ckpt.tmp"
+    time.sleep(3.0)
+    wait_for(lambda: "step/s" in max(tmp_path.glob("r.*.log"), key=os.path.getmtime).read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    wait_for(tmp.exists, proc)
+    t = time.time()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=100) == 130 and time.time() - t < 60  # the save alone would have taken 120 s
+    assert ckpt_steps(run_dir) == [0, stopped]
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path, capsys, monkeypatch):
+    real, calls = pd.train_step, []
+
+    def poisoned(agent, opt, batch):  # the 30th update returns a NaN reconstruction loss
+        metrics = real(agent, opt, batch)
+        calls.append(1)
+        return {**metrics, "wm/loss_rec": float("nan")} if len(calls) == 30 else metrics
+
+    monkeypatch.setattr(pd, "train_step", poisoned)
+    run_dir = tmp_path / "r"
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "r", "--total-steps", "500"],
+                                   capsys)
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert code == 1 and len(line) == 1 and "wm/loss_rec is nan" in line[0] and "(update 30)" in line[0], err
+    stopped = int(line[0].split(" at step ")[1].split()[0])
+    kept = int(line[0].split("checkpoint of step ")[1].split()[0])
+    assert ckpt_steps(run_dir)[-1] == kept < stopped  # nothing new was saved
+    assert runtime.read_checkpoint(runtime.checkpoint_paths(run_dir)[-1])["updates"] < 30
+    assert all(np.isfinite(v) for r in read_rows(run_dir) for k, v in r.items())  # no NaN reached the logs
+
+
+def test_train_ratio_sets_the_number_of_updates(tmp_path, capsys):
+    """--train-ratio R: R replayed steps per env step, i.e. one update of B*T steps every B*T/R env steps once
+    learning has started. SURVIVE: B*T = 16, R = 4, learning from step 20: steps 20..100 owe 81/4 updates."""
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "r", "--total-steps", "100"],
+                                   capsys)
+    assert code == 0, err
+    state = runtime.read_checkpoint(runtime.checkpoint_paths(tmp_path / "r")[-1])
+    assert state["step"] == 100 and state["updates"] == 81 // 4 and state["updates_due"] == pytest.approx(0.25)
+
+
+def test_evaluation_leaves_the_training_run_unchanged(tmp_path, capsys):
+    """Evaluation runs on its own env with its own seeded streams: a run that evaluates every 20 steps trains on
+    exactly the data (episode starts, actions, frames) and reaches exactly the weights of a run that never
+    evaluates. (It once reset the training env with the evaluation seeds, so training starts depended on
+    --eval-every.)"""
+    states = {}
+    for name, flags in (("eval", ["--eval-every", "20", "--eval-episodes", "2"]), ("none", ["--eval-episodes", "0"])):
+        code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", name, "--total-steps",
+                                        "100", *flags], capsys)
+        assert code == 0, err
+        states[name] = runtime.read_checkpoint(runtime.checkpoint_paths(tmp_path / name)[-1])
+    evals = [r for r in read_rows(tmp_path / "eval") if "eval/return_mean" in r]
+    assert len(evals) >= 4 and not any("eval/return_mean" in r for r in read_rows(tmp_path / "none"))
+    a, b = states["eval"]["replay"]["data"], states["none"]["replay"]["data"]
+    first_frames = a["image"][a["is_first"]]
+    assert len(first_frames) >= 4 and np.array_equal(first_frames, b["image"][b["is_first"]])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(v, states["none"]["agent"][k]) for k, v in states["eval"]["agent"].items())
+
+
+def test_evaluation_is_deterministic_and_restores_torch_rng():
+    torch.manual_seed(0)
+    args = tiny_args(env="pointmass")
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    env = pd.make_run_env(args)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    first = pd.evaluate(agent, env, 2)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is untouched
+    torch.manual_seed(2)
+    assert np.array_equal(pd.evaluate(agent, env, 2), first)  # whatever the caller's seed
+    assert np.array_equal(pd.evaluate(None, env, 2), pd.evaluate(None, env, 2))
+    env.close()
+
+
+def test_evaluating_on_the_training_env_puts_its_generators_back(tmp_path):
+    """Where evaluation must share the training env (MetaDrive: one engine per process), eval_row restores the
+    env's generators: the next training reset and random action are those of a run without evaluation."""
+    torch.manual_seed(0)
+    args = tiny_args(env="pointmass", eval_episodes=2)
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    env = pd.make_run_env(args)
+    env.reset(seed=5)
+    saved = envs.rng_state(env)
+    expected = env.reset()[0], env.action_space.sample()
+    envs.set_rng_state(env, saved)
+    row = pd.eval_row(agent, env, env, args, tmp_path, 0)
+    assert np.isfinite(row["eval/return_mean"])
+    got = env.reset()[0], env.action_space.sample()
+    assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    env.close()
+
+
+class ActionLog(gym.Wrapper):
+    def __init__(self, env):
+        super().__init__(env)
+        self.actions = []
+
+    def step(self, action):
+        self.actions.append(np.array(action))
+        return self.env.step(action)
+
+
+def test_evaluation_acts_with_the_policy_mean():
+    """The evaluated policy is the actor's mean action: making the actor's spread 10x wider leaves every
+    evaluation action and return unchanged (sampled actions would scatter)."""
+    torch.manual_seed(0)
+    args = tiny_args(env="pointmass")
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    runs = []
+    for std_bias in (-20.0, 20.0):  # actor_dist: std = minstd 0.1 .. maxstd 1.0
+        with torch.no_grad():
+            agent.actor[-1].bias[2:] = std_bias
+        env = ActionLog(pd.make_run_env(args))
+        runs.append((pd.evaluate(agent, env, 2), np.stack(env.actions)))
+        env.close()
+    assert np.array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_allclose(runs[0][1], runs[1][1], atol=1e-6)
+    assert np.abs(runs[0][1]).max() < 0.5  # the untrained actor's mean is near 0: nothing clipped away
+
+
+def test_same_seed_same_losses(tmp_path, capsys):
+    runs = []
+    for name in ("a", "b"):
+        code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", name, "--total-steps", "80",
+                                        "--device", "cpu"], capsys)
+        assert code == 0, err
+        runs.append([{k: v for k, v in r.items() if k != "charts/sps"} for r in read_rows(tmp_path / name)])
+    assert sum("wm/loss" in r for r in runs[0]) >= 3 and runs[0] == runs[1]
+
+
+def test_resume_at_an_episode_end_reproduces_the_uninterrupted_run(tmp_path, capsys):
+    """Stopping at step 50 (a pointmass episode ends there) and resuming must change nothing: this checks
+    that the checkpoint holds every piece of state (networks, optimisers, return normaliser, replay and its
+    RNG, the global and env RNGs, the fraction of an update owed, the losses not yet logged)."""
+    flags = [*SURVIVE, "--logdir", str(tmp_path), "--checkpoint-every", "50", "--keep-checkpoints", "5"]
+    assert main_in_process([*flags, "--run-name", "a", "--total-steps", "100"], capsys)[0] == 0
+    assert main_in_process([*flags, "--run-name", "b", "--total-steps", "50"], capsys)[0] == 0
+    code, _, err = main_in_process([*flags, "--resume", str(tmp_path / "b"), "--total-steps", "100"], capsys)
+    assert code == 0, err
+    rows = [[{k: v for k, v in r.items() if k != "charts/sps"} for r in read_rows(tmp_path / n)] for n in "ab"]
+    assert rows[0] == rows[1] and sum("wm/loss" in r and r["step"] > 50 for r in rows[0]) >= 2
+    a, b = (runtime.read_checkpoint(tmp_path / n / "checkpoints" / "ckpt_000000100.pt") for n in "ab")
+    assert a["updates"] == b["updates"] > 0
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), k
+
+
+def test_a_run_that_is_being_written_cannot_be_resumed_twice(tmp_path, capsys):
+    """While one process trains into RUN (here: this test holds RUN/.lock the way a live run does), --resume
+    of RUN stops with one line and writes nothing; once the holder lets go, the resume works."""
+    import fcntl
+
+    run_dir = tmp_path / "r"
+    assert main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "r", "--total-steps", "30"], capsys)[0] == 0
+    fd = os.open(run_dir / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails if the finished run had not let go of its lock
+    before = tree(run_dir)
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--resume", str(run_dir), "--total-steps", "60"],
+                                   capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "another process is training in" in err, err
+    assert tree(run_dir) == before
+    os.close(fd)  # the other process ends
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--resume", str(run_dir), "--total-steps", "60"],
+                                   capsys)
+    assert code == 0, err
+    assert max(ckpt_steps(run_dir)) == 60
+
+def test_tyro_error_boxes_fold_into_one_line():
+    want = "invalid choice 'foo' for argument '--pvm'. Expected one of ('none', 'dinov2', 'clip')."
+    unicode_box = ("╭─ Invalid choice ───────────────╮\n│ invalid choice 'foo' for argument '--pvm'. Expected one of ('none', │\n"
+                   "│ 'dinov2', 'clip').   │\n│ ──────────── │\n│ For full helptext, run x --help │\n╰──────────╯\n")
+    ascii_box = (" Invalid choice    \n ---------------- \n  invalid choice 'foo' for argument '--pvm'. Expected one of ('none', \n"
+                 "  'dinov2', 'clip').  \n  ---------------\n  For full helptext, run\n  x --help  \n")
+    assert runtime.one_line(unicode_box) == runtime.one_line(ascii_box) == want
+    unknown = ("╭─ Unrecognized options ─╮\n│ Unrecognized options: --chekpoint-every │\n│ ──── │\n│ Perhaps you meant: │\n"
+               "│     --checkpoint-every INT │\n│         agent steps between checkpoints │\n╰────╯\n")
+    assert runtime.one_line(unknown) == "Unrecognized options: --chekpoint-every; perhaps you meant --checkpoint-every"
+
+
+@pytest.fixture(scope="module")
+def old_run(tmp_path_factory):
+    """A logdir holding a finished run `old` and a directory with a format-1 checkpoint.pt."""
+    log = tmp_path_factory.mktemp("logdir")
+    pd.main([*SURVIVE, "--logdir", str(log), "--run-name", "old", "--total-steps", "30"])
+    (log / "legacy").mkdir()
+    torch.save(dict(format=1, step=5), log / "legacy" / "checkpoint.pt")
+    return log
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("flags,needle,env", [
+    (["--env", "atari"], "atari", {}),
+    (["--pvm", "foo"], "'--pvm'", {}),
+    (["--mode", "half"], "'half'", {}),
+    (["--size", "huge"], "'huge'", {}),
+    (["--seed", "x"], "--seed", {}),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints 0", {}),
+    (["--finetune-blocks", "-1"], "--finetune-blocks -1", {}),
+    (["--pvm", "dinov2", *PVM_TINY, "--finetune-blocks", "9"], "--finetune-blocks 9", {}),
+    (["--image-size", "50"], "--image-size 50", {}),
+    (["--image-size", "8"], "--image-size 8", {}),
+    (["--pvm", "clip", *PVM_TINY, "--pvm-image-size", "36"], "patch size", {}),
+    (["--pvm", "dinov2", "--pvm-id", "facebook/no-such-model"], "not cached", {"HF_HUB_OFFLINE": "1"}),
+    (["--resume", "{log}/old", "--pvm", "clip", *PVM_TINY], "--pvm none", {}),
+    (["--resume", "{log}/legacy"], "format-1", {}),
+    (["--resume", "{log}/nowhere"], "no such run directory", {}),
+    (["--run-name", "old"], "--resume {log}/old", {}),
+    (["--env", "metadrive"], "MetaDrive", {}),
+    (["--env", "reacher"], "MUJOCO_GL=nonsense", {"MUJOCO_GL": "nonsense"}),
+    (["--device", "cuda"], "--device cpu", {}),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_runs_untouched(flags, needle, env, old_run, tmp_path, capsys,
+                                                                 monkeypatch):
+    if "--device" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for k, v in {"HF_HOME": str(tmp_path), **env}.items():
+        monkeypatch.setenv(k, v)
+    before = tree(old_run)
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(old_run), *(f.format(log=old_run) for f in flags)],
+                                   capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    assert needle.format(log=old_run) in lines[0], lines[0]
+    assert tree(old_run) == before
+
+
+
+def test_bench_quick_prints_one_row_per_configuration():
+    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--only", "cnn,dinov2-frozen,clip-full"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    for col in ("env-steps/s", "updates/s", "s/update", "CPU s/update", "x CNN", "peak RSS GB"):
+        assert col in head, head
+    rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+    # cnn, dinov2-frozen with and without the feature cache, clip-full (no cache in full mode)
+    assert [(r["encoder"], r["feature cache"]) for r in rows] == [
+        ("cnn", "-"), ("dinov2-frozen", "on"), ("dinov2-frozen", "off"), ("clip-full", "-")]
+    for r in rows:
+        assert float(r["s/update"]) > 0 and float(r["CPU s/update"]) > 0 and float(r["peak RSS GB"]) > 0.05
+        assert float(r["updates/s"]) == pytest.approx(1 / float(r["s/update"]), rel=0.02)
+    assert rows[0]["x CNN"] == "1.0"
+    bad = subprocess.run([sys.executable, str(REPO / "bench.py"), "--only", "vgg"], capture_output=True, text=True,
+                         cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "vgg" in bad.stderr
+
+
+SWEEP_RUN = ["--size", "tiny", "--image-size", "32", "--pvm-image-size", "32", "--pvm-id", "tiny", "--pvm-random-init",
+             "--total-steps", "50", "--learning-starts", "40", "--train-ratio", "8", "--batch-size", "2",
+             "--batch-length", "4", "--eval-episodes", "0", "--checkpoint-every", "25"]  # one 50-step episode
+
+
+def test_sweep_runs_a_grid_on_ray_and_a_relaunch_does_no_work_twice(tmp_path):
+    pytest.importorskip("ray", reason="Ray is optional (pip install -r requirements-sweep.txt); sweep.py needs it")
+    import sweep
+
+    cmd = [sys.executable, str(REPO / "sweep.py"), "--pvm", "none,dinov2", "--mode", "frozen", "--env", "pointmass",
+           "--seeds", "1,2", "--logdir", str(tmp_path), "--num-cpus", "2", "--", *SWEEP_RUN]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    names = sorted(f"pointmass__{e}__s{s}" for e in ("cnn", "dinov2-frozen") for s in (1, 2))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and "__" in p.name) == names
+    assert "finished 4/4, running 0, queued 0, failed 0" in proc.stdout
+    for name in names:
+        run = tmp_path / name
+        assert (run / sweep.DONE).exists()
+        pvm, mode = ("none", "partial") if "cnn" in name else ("dinov2", "frozen")  # the CNN run keeps the default
+        args = pd.Args(env="pointmass", pvm=pvm, mode=mode, seed=int(name[-1]), **TINY)
+        assert pd.load_checkpoint(sweep.find_checkpoint(run), args)["step"] == 50  # the final checkpoint
+    snapshot = lambda: {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
+    # Re-launch after "a crash" of one run (its done-marker gone): only that one runs, resumed from its checkpoint.
+    (tmp_path / names[0] / sweep.DONE).unlink()
+    before = snapshot()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "3 already finished, 1 to run" in proc.stdout
+    changed = {p.relative_to(tmp_path).parts[0] for p, t in snapshot().items() if before.get(p) != t}
+    assert changed <= {names[0], "logs"}  # no other run directory was touched
+    log = (tmp_path / "logs" / f"{names[0]}.log").read_text()
+    assert log.count("[sweep ") == 2 and f"--resume {tmp_path / names[0]}" in log
+    for other in names[1:]:
+        assert (tmp_path / "logs" / f"{other}.log").read_text().count("[sweep ") == 1
+    # A third launch has nothing to do and starts no Ray instance.
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "4 already finished, 0 to run" in proc.stdout
