@@ -192,24 +192,30 @@ def test_training_lowers_world_model_loss_on_fixed_batch():
     assert last < 0.8 * first, (first, last)
 
 
-class AimAtTarget(gym.Env):
-    """A constant grey frame; reward -|a - (0.6, -0.6)|_1 for each action, 10 steps an episode. The reward
-    for arriving at frame t depends only on the action that led there, so a policy improves only if the world
-    model carries that action into its state and reward head, and the actor learns from imagined rewards."""
+class GreyTask(gym.Env):
+    """A constant grey 16x16 frame; 10 steps an episode. Subclasses say what an action earns."""
 
     observation_space = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
-    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-    target = np.array([0.6, -0.6])
+    grey = np.full((16, 16, 3), 128, np.uint8)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
         self.t = 0
-        return np.full((16, 16, 3), 128, np.uint8), {}
+        return self.grey.copy(), {}
+
+
+class AimAtTarget(GreyTask):
+    """Reward -|a - (0.6, -0.6)|_1 for each action, 10 steps an episode. The reward
+    for arriving at frame t depends only on the action that led there, so a policy improves only if the world
+    model carries that action into its state and reward head, and the actor learns from imagined rewards."""
+
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    target = np.array([0.6, -0.6])
 
     def step(self, action):
         self.t += 1
         reward = -float(np.abs(np.asarray(action) - self.target).sum())
-        return np.full((16, 16, 3), 128, np.uint8), reward, False, self.t >= 10, {}
+        return self.grey.copy(), reward, False, self.t >= 10, {}
 
 
 def test_training_raises_the_return(tmp_path, capsys, monkeypatch):
@@ -321,23 +327,17 @@ def test_continue_target_is_one_minus_terminal():
     assert con[0, 3] > 9.9 and con.flatten()[torch.arange(con.numel()) != 3].max() < 1e-3, con
 
 
-class Cliff(gym.Env):
-    """A grey frame; an action a[0] < 0 steps off the cliff: the episode terminates (a black frame, reward 0);
-    otherwise reward 1, and a time limit of 10 steps. Random actions end most episodes early."""
+class Cliff(GreyTask):
+    """An action a[0] < 0 steps off the cliff: the episode terminates (a black frame, reward 0); otherwise
+    reward 1 until the time limit. Random actions end most episodes early."""
 
-    observation_space = gym.spaces.Box(0, 255, (16, 16, 3), np.uint8)
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        self.t = 0
-        return np.full((16, 16, 3), 128, np.uint8), {}
 
     def step(self, action):
         self.t += 1
         if action[0] < 0:
-            return np.zeros((16, 16, 3), np.uint8), 0.0, True, False, {}
-        return np.full((16, 16, 3), 128, np.uint8), 1.0, False, self.t >= 10, {}
+            return np.zeros_like(self.grey), 0.0, True, False, {}
+        return self.grey.copy(), 1.0, False, self.t >= 10, {}
 
 
 def test_continue_head_learns_where_episodes_end():
