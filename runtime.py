@@ -453,8 +453,11 @@ class StopRequest:
             signal.signal(s, handler)
 
     def handle(self, signum, frame):
-        if self.signal:
-            raise KeyboardInterrupt
+        if self.signal:  # exit here and now: a KeyboardInterrupt raised inside torch.save's zip writer turns
+            # into a RuntimeError traceback (exit 1). Checkpoints are atomic, so the older ones stay intact.
+            print("error: aborted; the newest checkpoint in checkpoints/ is the last complete one", file=sys.stderr,
+                  flush=True)
+            os._exit(130)
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal}: saving a checkpoint after this step, then stopping (again to abort)", file=sys.stderr)
 
