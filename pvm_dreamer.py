@@ -491,7 +491,7 @@ class PVMEncoder(nn.Module):
               kept (control needs *where*), at 4M instead of 100M parameters.
       CLIP:   [PVM] normalises the 768-wide pooled output directly; we add a Linear(768 -> E) first, so that
               every encoder hands the RSSM an equally wide embedding and an ablation changes only the encoder
-              (0.8M parameters at E=1024, trained with the world model).
+              (768 x E weights: 1.6M at the default E = 2048, trained with the world model).
     # ABLATION POINT: the features (patch tokens / pooled output) and their projection to E"""
 
     def __init__(self, backbone: nn.Module, pvm: str, mode: str, finetune_blocks: int, image_size: int,
@@ -1097,7 +1097,10 @@ def load_checkpoint(path: Path, args: Args, fix_corrupt: bool = False) -> dict:
     """The state of --resume PATH (a file, or a run directory's newest intact checkpoint), if it was trained
     with the same ARCH_FLAGS as `args`; otherwise one line naming the flags to rerun with."""
     ckpt, state = runtime.find_checkpoint(path, fix_corrupt)
-    diff = {k: state["args"].get(k, False) for k in ARCH_FLAGS if state["args"].get(k, False) != getattr(args, k)}
+    # Written before --finetune-norm existed, a partial run trained the final norm: it continues only with it.
+    old = state["args"]
+    saved = {"finetune_norm": old.get("pvm") != "none" and old.get("mode") == "partial", **old}
+    diff = {k: saved.get(k) for k in ARCH_FLAGS if saved.get(k) != getattr(args, k)}
     if diff:
         flags = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in diff.items())
         raise UsageError(f"checkpoint {ckpt} was trained with other settings; rerun with {flags}")

@@ -244,6 +244,19 @@ def test_checkpoint_lookup_takes_the_newest_intact_one(tmp_path):
         ev.load_agent(tmp_path / "empty", "cpu")
 
 
+def test_a_checkpoint_from_before_finetune_norm_resumes_only_with_it(tmp_path):
+    """Partial runs saved before --finetune-norm existed trained the final norm (their optimiser holds it):
+    resuming one without the flag is refused in one line that names it; a CNN run's flags are unaffected."""
+    partial = {k: v for k, v in vars(pd.Args(mode="partial", pvm="dinov2", **TINY)).items() if k != "finetune_norm"}
+    runtime.save_checkpoint(tmp_path, dict(step=5, args=partial), keep=1)
+    with pytest.raises(pd.UsageError, match="--finetune-norm True"):
+        pd.load_checkpoint(tmp_path, pd.Args(mode="partial", pvm="dinov2", **TINY))
+    assert pd.load_checkpoint(tmp_path, pd.Args(mode="partial", pvm="dinov2", finetune_norm=True, **TINY))["step"] == 5
+    cnn = {k: v for k, v in vars(pd.Args(**TINY)).items() if k != "finetune_norm"}
+    runtime.save_checkpoint(tmp_path, dict(step=6, args=cnn), keep=1)
+    assert pd.load_checkpoint(tmp_path, pd.Args(**TINY))["step"] == 6
+
+
 def test_one_evaluation_path_training_and_evaluate_py_agree(tmp_path, capsys):
     """The evaluation logged at the end of training and evaluate.py's in-distribution row score the same
     checkpoint on the same starts with the same function: the same returns, to the last digit. (pointmass has
