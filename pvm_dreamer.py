@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import os
 import shlex
+import sys
 import time
 from contextlib import closing
 from dataclasses import asdict, dataclass
@@ -1045,21 +1046,28 @@ EVAL_SEED = 20_000  # evaluation episode i starts from reset(seed=EVAL_SEED + i)
 # starts for every agent, every checkpoint and every shift (evaluate.py uses this function and this constant).
 
 
-def evaluate(agent: Dreamer | None, env, episodes: int, video_path: str = "") -> np.ndarray:
+def evaluate(agent: Dreamer | None, env, episodes: int, video_path: str = "", stop=None,
+             on_episode=None) -> np.ndarray | None:
     """Returns of `episodes` episodes with the policy's mean action (agent=None: uniform random actions, the
     baseline of the drop metric). Episode i is reset with EVAL_SEED + i, and the random streams that acting
     draws from (torch's, for the latent samples, and the action space's) are seeded with EVAL_SEED inside and
     restored after: a result does not depend on when it was measured, and a training run's streams are untouched.
-    reset(seed=...) reseeds the env's own generator, so pass an env that is not collecting training data."""
+    reset(seed=...) reseeds the env's own generator, so pass an env that is not collecting training data.
+    stop(): checked every step; when it says True the evaluation is abandoned and None returned (a training run
+    that is being stopped). on_episode(i): called as episode i starts (a progress display)."""
     returns, frames = [], []
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(EVAL_SEED)
         env.action_space.seed(EVAL_SEED)
         for ep in range(episodes):
+            if on_episode is not None:
+                on_episode(ep)
             obs, _ = env.reset(seed=EVAL_SEED + ep)
             state = initial_state(agent) if agent is not None else None
             done, is_first, total = False, True, 0.0
             while not done:
+                if stop is not None and stop():
+                    return None
                 if video_path and ep == 0:
                     frames.append(obs)
                 if agent is None:
@@ -1080,9 +1088,12 @@ def evaluate(agent: Dreamer | None, env, episodes: int, video_path: str = "") ->
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: what a resumed run needs (the file format, atomic writes and lookup live in runtime.py)
 # ---------------------------------------------------------------------------------------------------------
-# Flags that define the networks and their optimisers: a checkpoint only loads into a run with the same values.
-ARCH_FLAGS = ("env", "pvm", "pvm_id", "mode", "finetune_blocks", "finetune_norm", "size", "image_size",
-              "pvm_image_size", "pvm_token_dim", "action_repeat")
+# Flags a resumed run may change: how long it trains, how often it logs, evaluates and checkpoints, where its
+# files go and which device runs it, and the feature cache (the same maths up to fp16 rounding). Every other
+# flag defines the experiment (networks, optimisers, data, objective): a checkpoint continues only with its values.
+RESUME_MAY_CHANGE = ("total_steps", "log_every", "eval_every", "eval_episodes", "capture_video", "checkpoint_every",
+                     "keep_checkpoints", "checkpoint_replay", "device", "torch_deterministic", "feature_cache",
+                     "feature_cache_gb", "logdir", "run_name", "resume")
 
 
 def checkpoint_state(agent: Dreamer, opt: dict, replay: Replay, env, progress: runtime.Progress, args: Args) -> dict:
@@ -1093,17 +1104,26 @@ def checkpoint_state(agent: Dreamer, opt: dict, replay: Replay, env, progress: r
                 replay=replay.state_dict() if args.checkpoint_replay else None)
 
 
+def flag(name: str, value) -> str:
+    """How a flag and its value are written on the command line (tyro's booleans are --x / --no-x)."""
+    name = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {shlex.quote(str(value))}"
+
+
 def load_checkpoint(path: Path, args: Args, fix_corrupt: bool = False) -> dict:
     """The state of --resume PATH (a file, or a run directory's newest intact checkpoint), if it was trained
-    with the same ARCH_FLAGS as `args`; otherwise one line naming the flags to rerun with."""
+    with the same flags as `args` (up to RESUME_MAY_CHANGE); otherwise one line naming the flags to rerun with."""
     ckpt, state = runtime.find_checkpoint(path, fix_corrupt)
-    # Written before --finetune-norm existed, a partial run trained the final norm: it continues only with it.
-    old = state["args"]
-    saved = {"finetune_norm": old.get("pvm") != "none" and old.get("mode") == "partial", **old}
-    diff = {k: saved.get(k) for k in ARCH_FLAGS if saved.get(k) != getattr(args, k)}
+    # A flag the writing version did not have meant its default then; and before --finetune-norm existed, a
+    # partial run trained the final norm, so it continues only with it.
+    saved = {**asdict(Args()), "finetune_norm": state["args"].get("pvm") != "none" and state["args"].get("mode") == "partial",
+             **state["args"]}
+    diff = {k: saved[k] for k in asdict(args) if k not in RESUME_MAY_CHANGE and saved.get(k) != getattr(args, k)}
     if diff:
-        flags = " ".join(f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in diff.items())
-        raise UsageError(f"checkpoint {ckpt} was trained with other settings; rerun with {flags}")
+        raise UsageError(f"checkpoint {ckpt} was trained with other settings; rerun with "
+                         + " ".join(flag(k, v) for k, v in diff.items()))
     return state
 
 
@@ -1122,42 +1142,62 @@ def restore(state: dict, agent: Dreamer, opt: dict, replay: Replay, env, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Main loop: collect -> replay -> train at --train-ratio, with logging, evaluation and checkpoints
+# Starting a run: every check before anything is built, everything built before anything is written
 # ---------------------------------------------------------------------------------------------------------
+# Allowed values of the numeric flags, (lowest, highest) with None for no bound; floats must also be finite.
+RANGES = dict(
+    seed=(0, 2**32 - 1), total_steps=(1, None), learning_starts=(0, None), train_ratio=(0, None),
+    batch_size=(1, None), batch_length=(1, None), replay_size=(1, None), checkpoint_every=(1, None),
+    keep_checkpoints=(1, None), eval_every=(0, None), eval_episodes=(0, None), log_every=(1, None),
+    action_repeat=(1, None), imag_horizon=(1, None), finetune_blocks=(0, None), pvm_token_dim=(1, 1024),
+    pvm_image_size=(1, 1024), encoder_lr_scale=(0, None), feature_cache_gb=(0, None), wm_lr=(0, None),
+    actor_lr=(0, None), critic_lr=(0, None), horizon=(1, None), lam=(0, 1), actor_entropy=(0, None),
+    slow_critic_rate=(0, 1), free_nats=(0, None), dyn_scale=(0, None), rep_scale=(0, None), unimix=(0, 1),
+)
+
+
 def check_args(args: Args):
     """Every check that needs no model, env or checkpoint, run before anything is built or written."""
-    for name, choices in (("env", envs.ENV_NAMES), ("pvm", PVMS), ("mode", MODES), ("size", tuple(SIZES))):
+    for name, choices in (("env", envs.ENV_NAMES), ("pvm", PVMS), ("mode", MODES), ("size", tuple(SIZES)),
+                          ("actor_grad", ("reinforce", "dynamics"))):
         if getattr(args, name) not in choices:  # tyro checks Literals on the command line; Args(...) needs this
-            raise UsageError(f"unknown --{name} {getattr(args, name)!r}; choose one of: {', '.join(choices)}")
-    positive = ("total_steps", "batch_size", "batch_length", "replay_size", "checkpoint_every", "log_every",
-                "keep_checkpoints", "action_repeat", "imag_horizon")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
-    for name in ("train_ratio", "eval_every", "eval_episodes", "learning_starts", "finetune_blocks"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or more")
+            raise UsageError(f"unknown --{name.replace('_', '-')} {getattr(args, name)!r}; choose one of: "
+                             f"{', '.join(choices)}")
+    for name, (lo, hi) in RANGES.items():
+        v, opt = getattr(args, name), f"--{name.replace('_', '-')}"
+        if isinstance(v, float) and not np.isfinite(v):
+            raise UsageError(f"{opt} {v} must be a finite number")
+        if hi is None and v < lo:
+            raise UsageError(f"{opt} {v} must be {'at least 1' if lo == 1 else '0 or more'}")
+        if hi is not None and not lo <= v <= hi:
+            raise UsageError(f"{opt} {v} must be in {lo}..{hi}")
     if args.replay_size < args.batch_length:
         raise UsageError(f"--replay-size {args.replay_size} holds no window of --batch-length {args.batch_length}")
     lo, hi = envs.IMAGE_SIZE_RANGE
     if not lo <= args.image_size <= hi:
         raise UsageError(f"--image-size {args.image_size} is outside what the renderers draw; use {lo}..{hi}")
     conv_stages(args.image_size)  # the CNN encoder/decoder's constraint
+    frames_gb, memory_gb = args.replay_size * 3 * args.image_size**2 / 1e9, runtime.physical_memory() / 1e9
+    if frames_gb > memory_gb:
+        raise UsageError(f"--replay-size {args.replay_size} needs {frames_gb:.0f} GB for its frames, more than this "
+                         f"machine's {memory_gb:.0f} GB of memory; lower --replay-size")
     gl = os.environ.get("MUJOCO_GL", "egl")
     if args.env in envs.MUJOCO_TASKS and gl not in envs.GL_BACKENDS:
         raise UsageError(f"MUJOCO_GL={gl} is not a rendering backend: use MUJOCO_GL=egl (GPU, or mesa on a CPU) "
                          "or MUJOCO_GL=osmesa; `bash setup.sh` installs both")
+    if not args.resume:
+        runtime.check_writable(Path(args.logdir), "--logdir")
 
 
 def open_run(args: Args) -> tuple[Path, dict | None]:
     """The run directory and, with --resume, the checkpoint to continue from. Writes nothing (but renames
-    corrupt checkpoints to *.corrupt). A new run may not reuse a directory that holds files: that is either a
+    corrupt checkpoints to *.corrupt). A new run may not reuse a directory that holds a run: that is either a
     finished run or one to continue with --resume, and mixing two runs' logs would corrupt both."""
     if args.resume:
         return runtime.run_dir_of(Path(args.resume)), load_checkpoint(Path(args.resume), args, fix_corrupt=True)
     name = args.run_name or f"{args.env}__{encoder_label(args.pvm, args.mode)}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.logdir) / name
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if runtime.holds_run_data(run_dir):
         raise UsageError(f"{run_dir} already holds a run: continue it with --resume {run_dir} or pick another "
                          "--run-name")
     return run_dir, None
@@ -1175,36 +1215,54 @@ def make_run_env(args: Args):
         raise UsageError(msg) from None
 
 
-def to_torch(batch: dict, device) -> dict:
-    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+def first_update_warning(args: Args) -> str:
+    """A warning when the flags leave no update to run (e.g. --total-steps below --batch-length), else ''."""
+    start = max(args.learning_starts, args.batch_length - 1, 1)  # the replay holds a window from about here on
+    every = args.batch_size * args.batch_length / args.train_ratio if args.train_ratio else float("inf")
+    if args.total_steps - start + 1 >= every:
+        return ""
+    return (f"WARNING: this run trains NOTHING: updates start at step {start} (--learning-starts "
+            f"{args.learning_starts}, and a --batch-length {args.batch_length} window in the replay), then one every "
+            f"{every:g} steps (--batch-size x --batch-length / --train-ratio), and --total-steps {args.total_steps} "
+            "ends first")
 
 
-def eval_row(agent: Dreamer | None, env, eval_env, args: Args, run_dir: Path, step: int) -> dict:
-    """One evaluation during training (agent=None: the random policy), on eval_env. The training env's
-    generators are put back afterwards, so where eval_env IS the training env (MetaDrive: one engine per
-    process) the training episodes still do not depend on --eval-every."""
-    saved = envs.rng_state(env)
-    video = str(run_dir / "videos" / f"eval_{step}.mp4") if args.capture_video and agent is not None else ""
-    rets = evaluate(agent, eval_env, args.eval_episodes, video)
-    envs.set_rng_state(env, saved)
-    key = "eval/return" if agent is not None else "eval/random_return"
-    return {f"{key}_mean": float(rets.mean()), f"{key}_std": float(rets.std())}
+@dataclass
+class Run:
+    """What the loop works on: the agent, its optimisers and replay, the envs, the counters, and the run's
+    directory with its lock, logger and checkpoints."""
+    args: Args
+    device: torch.device
+    run_dir: Path
+    agent: Dreamer
+    opt: dict
+    replay: Replay
+    env: object
+    eval_env: object
+    p: runtime.Progress
+    lock: runtime.RunLock
+    logger: runtime.Logger | None = None
+    last_ckpt: int = -1  # step of the newest checkpoint
+
+    def save(self):
+        """A checkpoint of this moment, covering every row logged so far."""
+        if self.logger is not None:
+            self.logger.sync()
+            self.p.rows = self.logger.rows
+        state = checkpoint_state(self.agent, self.opt, self.replay, self.env, self.p, self.args)
+        runtime.save_checkpoint(self.run_dir, state, self.args.keep_checkpoints)
+        self.last_ckpt = self.p.step
+
+    def close(self):
+        for thing in (self.logger, self.env, self.eval_env if self.eval_env is not self.env else None, self.lock):
+            if thing is not None:
+                thing.close()
 
 
-def start_logging(run_dir: Path, agent: Dreamer, env, eval_env, args: Args, resume_step: int | None):
-    logger = runtime.Logger(run_dir, resume_step)
-    if resume_step is None:  # a new run: hyperparameters, and baselines measured by the same evaluation code
-        logger.text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        logger.text("encoder", encoder_summary(agent, args))
-        if args.eval_episodes:  # random actions, and the untrained agent
-            logger.log(0, {**eval_row(None, env, eval_env, args, run_dir, 0),
-                           **eval_row(agent, env, eval_env, args, run_dir, 0)})
-    return logger
-
-
-def train(args: Args) -> dict:
-    from tqdm import tqdm
-
+def start_run(args: Args) -> Run:
+    """Checks, then construction, then the first writes: the run directory, its lock and the step-0
+    checkpoint, so that from the first file on the run can be continued with --resume (and a run killed
+    before that checkpoint was complete leaves nothing a fresh start would refuse to reuse)."""
     check_args(args)
     device = runtime.resolve_device(args.device)
     if device.type == "cpu":
@@ -1213,57 +1271,124 @@ def train(args: Args) -> dict:
     runtime.seed_everything(args.seed, args.torch_deterministic)
     encoder = make_encoder(args)  # before the env: a bad PVM id or size then leaves no env to close
     env = make_run_env(args)
-    # Evaluation runs on its own env, as in [D3], so it never reseeds the training episodes' starts. MetaDrive's
-    # engine is one per process: there it shares the training env and eval_row puts the env's generators back.
-    eval_env = make_run_env(args) if args.eval_episodes and args.env not in envs.ONE_PER_PROCESS else env
-    action_dim = env.action_space.shape[0]
-    agent = Dreamer(encoder, action_dim, args).to(device)
-    opt = make_optimizers(agent, args)
-    replay = Replay(args.replay_size, env.observation_space.shape, action_dim, args.seed,
-                    feature_cache_shape(agent.wm.encoder, args))
-    p = restore(state, agent, opt, replay, env, device) if state else runtime.Progress(
-        next_log=args.log_every, next_eval=args.eval_every or args.total_steps, next_ckpt=args.checkpoint_every)
+    eval_env = env
+    try:
+        # Evaluation runs on its own env, as in [D3], so it never reseeds the training episodes' starts.
+        # MetaDrive's engine is one per process: there it shares the training env and eval_row puts its
+        # generators back.
+        if args.eval_episodes and args.env not in envs.ONE_PER_PROCESS:
+            eval_env = make_run_env(args)
+        action_dim = env.action_space.shape[0]
+        agent = Dreamer(encoder, action_dim, args).to(device)
+        opt = make_optimizers(agent, args)
+        replay = Replay(args.replay_size, env.observation_space.shape, action_dim, args.seed,
+                        feature_cache_shape(agent.wm.encoder, args))
+        p = restore(state, agent, opt, replay, env, device) if state else runtime.Progress(
+            next_log=args.log_every, next_eval=args.eval_every or args.total_steps, next_ckpt=args.checkpoint_every)
+        runtime.make_run_dir(run_dir, "--logdir")  # every check has passed: the first write of the run
+        lock = runtime.RunLock(run_dir)  # no second process may write this run while this one does
+    except BaseException:
+        env.close()
+        if eval_env is not env:
+            eval_env.close()
+        raise
+    run = Run(args, device, run_dir, agent, opt, replay, env, eval_env, p, lock, last_ckpt=p.step)
+    try:
+        if state is None:
+            run.save()  # step 0: from here on the run can always be continued with --resume
+        run.logger = runtime.Logger(run_dir, p if state else None)
+    except BaseException:
+        run.close()
+        raise
+    if run.logger.rows == 0:  # nothing logged yet (or nothing the checkpoint covers): the run's description
+        run.logger.text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        run.logger.text("encoder", encoder_summary(agent, args))
     print(encoder_summary(agent, args))
     if args.pvm != "none" and args.pvm_random_init:
         print("WARNING: the PVM is RANDOMLY INITIALISED (--pvm-random-init): NOT pre-trained; results from this "
               "run say nothing about pre-trained features.")
+    if warning := first_update_warning(args):
+        print(warning, file=sys.stderr)
+    return run
 
-    run_dir.mkdir(parents=True, exist_ok=True)  # every check has passed: the first write of the run
-    try:
-        lock = runtime.RunLock(run_dir)  # no second process may write this run while this one does
-    except UsageError:
-        env.close()
-        eval_env.close()
-        raise
-    logger = start_logging(run_dir, agent, env, eval_env, args, p.step if state else None)
 
-    def save():
-        runtime.save_checkpoint(run_dir, checkpoint_state(agent, opt, replay, env, p, args), args.keep_checkpoints)
+# ---------------------------------------------------------------------------------------------------------
+# Main loop: collect -> replay -> train at --train-ratio, with logging, evaluation and checkpoints
+# ---------------------------------------------------------------------------------------------------------
+def to_torch(batch: dict, device) -> dict:
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
-    if state is None:
-        save()  # step 0: from here on the run can always be continued with --resume
-    last_ckpt, batch_steps = p.step, args.batch_size * args.batch_length
-    # A resumed run starts a fresh episode, also from a checkpoint taken mid-episode (at a --checkpoint-every
-    # mark or on SIGTERM): the simulator's state is not saved, and is_first tells the world model of the cut.
-    # The env's RNG is, so from a checkpoint at an episode's end the resumed run IS the uninterrupted one.
-    collector = Collector(agent, env, replay)
-    collector.reset(seed=None if state else args.seed)
-    start_time, start_step = time.time(), p.step
+
+def eval_row(agent: Dreamer | None, env, eval_env, args: Args, run_dir: Path, step: int, stop=None,
+             on_episode=None) -> dict | None:
+    """One evaluation during training (agent=None: the random policy), on eval_env; None if stop() ended it.
+    The training env's generators are put back afterwards, so where eval_env IS the training env (MetaDrive:
+    one engine per process) the training episodes still do not depend on --eval-every."""
+    saved = envs.rng_state(env)
+    video = str(run_dir / "videos" / f"eval_{step}.mp4") if args.capture_video and agent is not None else ""
+    rets = evaluate(agent, eval_env, args.eval_episodes, video, stop, on_episode)
+    envs.set_rng_state(env, saved)
+    if rets is None:
+        return None
+    key = "eval/return" if agent is not None else "eval/random_return"
+    return {f"{key}_mean": float(rets.mean()), f"{key}_std": float(rets.std())}
+
+
+def train(args: Args) -> dict:
+    """A whole run. The stop handler comes first, so a SIGTERM at any moment (even while the models are being
+    built) ends in a checkpoint and a clean exit; see runtime.StopRequest."""
+    with runtime.StopRequest() as stop:
+        run = start_run(args)
+        with closing(run):
+            return train_loop(run, stop)
+
+
+def train_loop(run: Run, stop: runtime.StopRequest) -> dict:
+    from tqdm import tqdm
+
+    args, p, agent, replay, logger = run.args, run.p, run.agent, run.replay, run.logger
+    batch_steps = args.batch_size * args.batch_length
     pbar = tqdm(total=args.total_steps, initial=p.step, unit="step", mininterval=2.0, dynamic_ncols=True)
-    with runtime.StopRequest() as stop, closing(lock), closing(logger), closing(env), closing(eval_env), pbar:
-        while p.step < args.total_steps:
+
+    def evaluation(policy: Dreamer | None, what: str) -> dict | None:  # shown on the progress bar as it runs
+        show = lambda i: pbar.set_postfix_str(f"evaluating {what}: episode {i + 1}/{args.eval_episodes}")  # noqa: E731
+        return eval_row(policy, run.env, run.eval_env, args, run.run_dir, p.step, lambda: bool(stop), show)
+
+    def train_owed():  # the updates owed at --train-ratio, one at a time so that a stop waits for one at most
+        while p.updates_due >= 1 and not stop:
+            metrics = train_step(agent, run.opt, to_torch(replay.sample(args.batch_size, args.batch_length), run.device))
+            runtime.check_finite(metrics, p, run.last_ckpt)  # "never silently train on NaNs"
+            for k, v in metrics.items():
+                p.train_metrics.setdefault(k, []).append(v)
+            p.updates, p.updates_due = p.updates + 1, p.updates_due - 1
+
+    with pbar:
+        if not p.baselines:  # step 0: random actions and the untrained agent, by the same evaluation code
+            random_row = evaluation(None, "the random policy") if args.eval_episodes else {}
+            agent_row = evaluation(agent, "the untrained agent") if args.eval_episodes and not stop else {}
+            if not stop:
+                if args.eval_episodes:
+                    logger.log(0, {**random_row, **agent_row})
+                p.baselines = True
+                run.save()  # step 0 again, now covering the baselines: a kill from here on never repeats them
+        # A resumed run starts a fresh episode, also from a checkpoint taken mid-episode (at a --checkpoint-every
+        # mark or on SIGTERM): the simulator's state is not saved, and is_first tells the world model of the cut.
+        # The env's RNG is, so from a checkpoint at an episode's end the resumed run IS the uninterrupted one.
+        collector = Collector(agent, run.env, replay)
+        if not stop:
+            collector.reset(seed=args.seed if p.step == 0 else None)
+        start_time, start_step = time.time(), p.step
+        while not stop:
+            # A checkpoint is taken after a step's collection and before its updates: a resumed run pays first
+            # what the stopped one owed, and continues exactly where it left off.
+            train_owed()
+            if stop or p.step >= args.total_steps:
+                break
             done = collector.step(random_action=p.step < args.learning_starts)
             p.step += 1
             pbar.update(1)
-
             if p.step >= args.learning_starts and len(replay) >= args.batch_length:
                 p.updates_due += args.train_ratio / batch_steps
-                while p.updates_due >= 1:
-                    metrics = train_step(agent, opt, to_torch(replay.sample(args.batch_size, args.batch_length), device))
-                    runtime.check_finite(metrics, p, last_ckpt)  # "never silently train on NaNs"
-                    for k, v in metrics.items():
-                        p.train_metrics.setdefault(k, []).append(v)
-                    p.updates, p.updates_due = p.updates + 1, p.updates_due - 1
 
             if done:  # ---- episode boundary: log, and evaluate when due
                 sps = (p.step - start_step) / (time.time() - start_time)
@@ -1272,29 +1397,29 @@ def train(args: Args) -> dict:
                 if p.step >= p.next_log and p.train_metrics:
                     row.update({k: float(np.mean(v)) for k, v in p.train_metrics.items()})
                     p.train_metrics, p.next_log = {}, p.next_log + args.log_every
-                if args.eval_episodes and args.eval_every and p.step >= p.next_eval:
-                    row.update(eval_row(agent, env, eval_env, args, run_dir, p.step))
-                    p.next_eval, p.last_eval = runtime.next_mark(p.step, args.eval_every), p.step
+                if args.eval_episodes and args.eval_every and p.step >= p.next_eval and not stop:
+                    if (evaluated := evaluation(agent, "the agent")) is not None:  # else: still due, at a later end
+                        row.update(evaluated)
+                        p.next_eval, p.last_eval = runtime.next_mark(p.step, args.eval_every), p.step
                 logger.log(p.step, row)
                 pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{collector.ep_return:.1f}", upd=p.updates, refresh=False)
-            if p.step >= p.next_ckpt or stop.signal:  # after the row of this step: the checkpoint covers it
+            if p.step >= p.next_ckpt and not stop:  # after the row of this step: the checkpoint covers it
                 p.next_ckpt = runtime.next_mark(p.step, args.checkpoint_every)
-                logger.sync()
-                save()
-                last_ckpt = p.step
-            if stop.signal:
-                print(f"stopped by {stop.signal} at step {p.step}, checkpoint saved: continue with --resume {run_dir}")
-                return dict(run_dir=str(run_dir), step=p.step, updates=p.updates, stopped=stop.signal)
+                run.save()
         # ---- end of training: a final evaluation and checkpoint, unless this step already has them
-        if args.eval_episodes and p.last_eval != p.step:
-            logger.log(p.step, eval_row(agent, env, eval_env, args, run_dir, p.step))
-        if last_ckpt != p.step:
-            logger.sync()
-            save()
-    print(runtime.summarize(run_dir))
-    print(f"done: {p.step} steps, {p.updates} updates; run in {run_dir}\n"
-          f"under visual shifts: python evaluate.py {run_dir}")
-    return dict(run_dir=str(run_dir), step=p.step, updates=p.updates)
+        if not stop and args.eval_episodes and p.last_eval != p.step:
+            if (evaluated := evaluation(agent, "the agent")) is not None:
+                logger.log(p.step, evaluated)
+                p.last_eval = p.step
+        if stop or run.last_ckpt != p.step or logger.rows != p.rows:
+            run.save()
+    if stop:
+        print(f"stopped by {stop.signal} at step {p.step}, checkpoint saved: continue with --resume {run.run_dir}")
+        return dict(run_dir=str(run.run_dir), step=p.step, updates=p.updates, stopped=stop.signal)
+    print(runtime.summarize(run.run_dir))
+    print(f"done: {p.step} steps, {p.updates} updates; run in {run.run_dir}\n"
+          f"under visual shifts: python evaluate.py {run.run_dir}")
+    return dict(run_dir=str(run.run_dir), step=p.step, updates=p.updates)
 
 
 def main(argv=None):

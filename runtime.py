@@ -105,9 +105,14 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} but torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+        device = torch.device(name)
+        torch.zeros(1, device=device)  # a device torch knows by name but cannot use here fails now, in one line
+    except (RuntimeError, AssertionError) as e:
+        raise UsageError(f"--device {name} is not a device torch can use here ({str(e).splitlines()[0] if str(e) else ''}); "
+                         "use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UsageError(f"--device {name} holds no real tensors; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def seed_everything(seed: int, deterministic: bool):
@@ -143,6 +148,14 @@ def keep_freed_memory():
             libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not shrink the heap
         except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
             pass
+
+
+def physical_memory() -> int:
+    """Bytes of RAM of this machine (inf where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return math.inf
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -307,9 +320,12 @@ def find_checkpoint(path: Path, fix_corrupt: bool = False) -> tuple[Path, dict]:
         found = newest_intact(path, fix_corrupt)
         if found is None and (path / "checkpoint.pt").is_file():
             raise UsageError(legacy)
+        if found is None and not holds_run_data(path):
+            raise UsageError(f"no checkpoint in {path} yet (a run stopped while starting leaves none, and nothing to "
+                             f"keep): start it afresh with --logdir {path.parent} --run-name {path.name}")
         if found is None:
-            raise UsageError(f"no checkpoint in {path} (no checkpoints/ckpt_*.pt; a run stopped before its first "
-                             "checkpoint cannot be continued): pass a run directory that has one, or start again")
+            raise UsageError(f"no checkpoint in {path} (no checkpoints/ckpt_*.pt): pass a run directory that has "
+                             "one, or start a new run")
     ckpt, state = found
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(f"checkpoint {ckpt} is not a pvm-dreamer format-{CHECKPOINT_FORMAT} checkpoint: "
@@ -329,10 +345,16 @@ class Progress:
     next_ckpt: int = 0
     last_eval: int = -1  # step of the newest evaluation (the final one is skipped if it is this step)
     train_metrics: dict = field(default_factory=dict)  # losses of the updates since the last log row
+    rows: int | None = 0  # rows of metrics.jsonl this checkpoint covers (None: a checkpoint from before it was kept)
+    baselines: bool = False  # the step-0 evaluations (random policy, untrained agent) are logged
+
+    # What a checkpoint written before a field existed meant by it: its run had logged the step-0 evaluations
+    # before its first checkpoint, and its rows are those up to its step.
+    LEGACY = dict(rows=None, baselines=True)
 
     @classmethod
     def from_state(cls, state: dict) -> "Progress":
-        return cls(**{k: state[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: state[k] if k in state else cls.LEGACY[k] for k in cls.__dataclass_fields__})
 
 
 def next_mark(step: int, every: int) -> int:
@@ -342,6 +364,35 @@ def next_mark(step: int, every: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # One writer per run, the logger, and what a run learned
 # ---------------------------------------------------------------------------------------------------------
+def holds_run_data(run_dir: Path) -> bool:
+    """Whether a directory holds anything of a run. One killed before its first checkpoint was complete leaves
+    at most RUN/.lock and checkpoints/ckpt.tmp: nothing to continue and nothing to lose, so a fresh start under
+    the same name may reuse it (it still takes the lock, so a live run is never shared)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return run_dir.exists()
+    stale = {".lock", "checkpoints", "checkpoints/ckpt.tmp"}
+    return any(p.relative_to(run_dir).as_posix() not in stale for p in run_dir.rglob("*"))
+
+
+def check_writable(path: Path, flag: str):
+    """UsageError unless `path` is, or can be made, a directory this process writes in (checked before a run
+    builds anything; the first write still reports what the OS says, e.g. for a path under /proc)."""
+    path = Path(path).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory; pick another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: no permission to write in {existing}; pick another {flag}")
+
+
+def make_run_dir(run_dir: Path, flag: str):
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the run directory {run_dir} ({e.strerror}); pick another {flag}") from None
+
+
 class RunLock:
     """An exclusive lock on RUN/.lock, held while a process trains into RUN. Two processes writing one run (a
     sweep launched twice, a --resume while the run still goes) would interleave checkpoints and log rows; the
@@ -375,27 +426,35 @@ class RunLock:
 
 
 class Logger:
-    """TensorBoard (runs/<name>, as CleanRL) plus metrics.jsonl, one JSON row per logged step."""
+    """TensorBoard (runs/<name>, as CleanRL) plus metrics.jsonl, one JSON row per logged step.
+    A resumed run passes the checkpoint's Progress: rows the interrupted run wrote after that checkpoint (and a
+    half-written last line) are dropped, and the resumed run writes them again, so the file has no gap and no
+    repeated row. `rows` counts the rows written, for the next checkpoint to record."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+    def __init__(self, run_dir: Path, resume: Progress | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.jsonl = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.jsonl.exists():
-            # Rows up to the checkpoint were written before it; later ones (and a half-written last line) belong
-            # to the interrupted run, which the resumed run replays. Rewritten via a tmp file: a kill loses nothing.
-            rows = [r for r in self.jsonl.read_text().splitlines() if _row_step(r) <= resume_step]
-            tmp = self.jsonl.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
+        self.jsonl, self.rows, purge = run_dir / "metrics.jsonl", 0, None
+        if resume is not None:
+            lines = self.jsonl.read_text().splitlines() if self.jsonl.exists() else []
+            if resume.rows is None:  # an older checkpoint: its rows are those up to its step
+                kept = [r for r in lines if _row_step(r) <= resume.step]
+            else:
+                kept = lines[:resume.rows]
+            tmp = self.jsonl.with_suffix(".tmp")  # rewritten via a tmp file: a kill here loses nothing
+            tmp.write_text("".join(r + "\n" for r in kept))
             os.replace(tmp, self.jsonl)
-        # purge_step hides TensorBoard events at steps >= it that the interrupted run logged after the checkpoint.
-        self.writer = SummaryWriter(str(run_dir), purge_step=None if resume_step is None else resume_step + 1)
+            self.rows = len(kept)
+            # purge_step hides the TensorBoard events at steps >= it that the interrupted run logged after them.
+            purge = _row_step(kept[-1]) + 1 if kept else 0
+        self.writer = SummaryWriter(str(run_dir), purge_step=purge)
 
     def log(self, step: int, metrics: dict):
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.rows += 1
 
     def text(self, tag: str, text: str):
         self.writer.add_text(tag, text)
@@ -438,28 +497,36 @@ def summarize(run_dir: Path) -> str:
 # Stopping: signals, and non-finite losses
 # ---------------------------------------------------------------------------------------------------------
 class StopRequest:
-    """SIGTERM (a cluster pre-empting the job) or Ctrl-C sets a flag; the loop saves a checkpoint after the
-    current step and exits cleanly. A second signal aborts at once."""
+    """SIGTERM (a cluster pre-empting the job) or Ctrl-C sets a flag, which the loop reads between agent steps,
+    between updates and between evaluation steps: it then saves a checkpoint and exits cleanly, so a stop takes
+    at most one update (or one env step) plus the checkpoint write. Installed first thing, before any model is
+    built, so no window of a run's life ignores a signal.
+    A Python-level handler runs only between bytecodes, never inside a long torch call, so the first signal also
+    gives both signals back their default action: a second one ends the process at once, from the kernel
+    (checkpoints are written atomically, so the older ones stay intact)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal = ""
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
+    def __bool__(self):
+        return bool(self.signal)
+
     def handle(self, signum, frame):
-        if self.signal:  # exit here and now: a KeyboardInterrupt raised inside torch.save's zip writer turns
-            # into a RuntimeError traceback (exit 1). Checkpoints are atomic, so the older ones stay intact.
-            print("error: aborted; the newest checkpoint in checkpoints/ is the last complete one", file=sys.stderr,
-                  flush=True)
-            os._exit(130)
+        for s in self.SIGNALS:  # the next signal kills, even mid-update or mid-save
+            signal.signal(s, signal.SIG_DFL)
         self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: saving a checkpoint after this step, then stopping (again to abort)", file=sys.stderr)
+        print(f"\n{self.signal}: saving a checkpoint after this update, then stopping (again to abort at once)",
+              file=sys.stderr, flush=True)
 
 
 def check_finite(metrics: dict, p: Progress, last_ckpt: int):
