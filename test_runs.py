@@ -782,3 +782,153 @@ def test_sweep_runs_a_grid_on_ray_and_a_relaunch_does_no_work_twice(tmp_path):
     # A third launch has nothing to do and starts no Ray instance.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "4 already finished, 0 to run" in proc.stdout
+
+
+# --- safe from the first second: signals at every moment, flags that never end in a traceback ---------------
+def test_stop_is_honoured_between_updates_and_the_resumed_run_pays_what_it_owed(tmp_path, capsys, monkeypatch):
+    """SIGTERM while one env step owes many updates stops after the current update (not after all of them);
+    the checkpoint records the updates still owed, and the resumed run runs them first: the update count ends
+    where the uninterrupted run's does."""
+    import signal
+
+    real, calls = pd.train_step, []
+
+    def signalling(agent, opt, batch):
+        calls.append(1)
+        if len(calls) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, i.e. inside this update
+        return real(agent, opt, batch)
+
+    flags = [*SURVIVE, "--logdir", str(tmp_path), "--train-ratio", "400", "--total-steps", "30"]  # 25 per step
+    monkeypatch.setattr(pd, "train_step", signalling)
+    code, out, err = main_in_process([*flags, "--run-name", "r"], capsys)
+    assert code == 0 and "stopped by SIGTERM at step 20" in out, out + err
+    state = runtime.find_checkpoint(tmp_path / "r")[1]
+    assert state["step"] == 20 and state["updates"] == 10 and state["updates_due"] == pytest.approx(15)
+    monkeypatch.setattr(pd, "train_step", real)
+    assert main_in_process([*flags, "--resume", str(tmp_path / "r")], capsys)[0] == 0
+    assert main_in_process([*flags, "--run-name", "u"], capsys)[0] == 0
+    done, uninterrupted = (runtime.find_checkpoint(tmp_path / n)[1] for n in ("r", "u"))
+    assert done["updates"] == uninterrupted["updates"] == 11 * 25
+
+
+def test_no_update_ever_is_said_up_front(tmp_path, capsys):
+    """--total-steps 60 with the default --batch-length 64 could never train: one warning line says so."""
+    code, out, err = main_in_process([*SURVIVE, "--batch-length", "64", "--logdir", str(tmp_path), "--run-name", "a",
+                                      "--total-steps", "60"], capsys)
+    warnings = [line for line in err.splitlines() if "trains NOTHING" in line]
+    assert code == 0 and len(warnings) == 1 and "--total-steps 60" in warnings[0], err
+    assert "updates" in out and "0 updates" in out
+    code, _, err = main_in_process([*SURVIVE, "--logdir", str(tmp_path), "--run-name", "b", "--total-steps", "60"],
+                                   capsys)
+    assert code == 0 and "trains NOTHING" not in err
+
+
+def test_resume_accepts_schedule_changes_and_refuses_experiment_changes(tmp_path, capsys):
+    flags = [*SURVIVE, "--logdir", str(tmp_path)]
+    assert main_in_process([*flags, "--run-name", "r", "--total-steps", "30"], capsys)[0] == 0
+    before = tree(tmp_path / "r")
+    for changed, named in ((["--wm-lr", "3e-4"], "--wm-lr 0.0001"), (["--seed", "2"], "--seed 1"),
+                           (["--no-checkpoint-replay", "--batch-size", "4"], "--batch-size 2"),
+                           (["--pvm-random-init"], "--no-pvm-random-init")):
+        code, _, err = main_in_process([*flags, "--resume", str(tmp_path / "r"), *changed], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "trained with other settings" in lines[0], err
+        assert lines[0].endswith("rerun with " + named), lines[0]  # exactly the differing flag, as typed
+        assert tree(tmp_path / "r") == before
+    code, _, err = main_in_process([*flags, "--resume", str(tmp_path / "r"), "--total-steps", "60", "--eval-every",
+                                    "20", "--log-every", "5", "--checkpoint-every", "30", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert max(ckpt_steps(tmp_path / "r")) == 60
+
+
+# pvm_dreamer.py run with one of its functions wrapped: argv = PATCH FLAGS..., PATCH one of the bodies below.
+PATCHED = """import os, sys, time
+sys.path.insert(0, os.environ["REPO"])
+import envs, torch
+import pvm_dreamer as pd
+patch, sys.argv[1:] = sys.argv[1], sys.argv[2:]
+if patch == "slow-build":  # model construction that takes seconds (the env is built after the PVM)
+    real_env = envs.make_env
+    def make_env(*a, **kw):
+        print("BUILDING", flush=True)
+        time.sleep(4.0)
+        return real_env(*a, **kw)
+    envs.make_env = make_env
+if patch == "long-update":  # an update inside one C call of seconds, where no Python-level handler can run
+    real_step = pd.train_step
+    def train_step(*a):
+        print("UPDATE", flush=True)
+        torch.set_num_threads(1)
+        x = torch.ones(8000, 8000)
+        x @ x
+        print("UPDATE DONE", flush=True)
+        return real_step(*a)
+    pd.train_step = train_step
+pd.main(sys.argv[1:])
+"""
+
+
+def spawn_patched(run_dir, patch, *flags):
+    log = run_dir.parent / f"{run_dir.name}.{patch}.log"
+    proc = subprocess.Popen([sys.executable, "-c", PATCHED, patch, *SURVIVE, "--logdir", str(run_dir.parent), *flags],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=run_dir.parent,
+                            env={**os.environ, "REPO": str(REPO)})
+    return proc, log
+
+
+def test_sigterm_while_the_models_are_built_saves_step_0_and_stops_cleanly(tmp_path):
+    import signal
+
+    run_dir = tmp_path / "r"
+    proc, log = spawn_patched(run_dir, "slow-build", "--run-name", "r", "--total-steps", "100")
+    wait_for(lambda: "BUILDING" in log.read_text(), proc)
+    assert not run_dir.exists()  # nothing is written before the models and envs are built
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+    assert "stopped by SIGTERM at step 0" in log.read_text() and ckpt_steps(run_dir) == [0]
+    code = subprocess.run([sys.executable, str(REPO / "pvm_dreamer.py"), *SURVIVE, "--logdir", str(tmp_path),
+                           "--total-steps", "100", "--resume", str(run_dir)], capture_output=True, timeout=300).returncode
+    assert code == 0 and max(ckpt_steps(run_dir)) == 100
+    baselines = [r for r in read_rows(run_dir) if "eval/random_return_mean" in r]
+    assert len(baselines) == 1 and baselines[0]["step"] == 0 and "eval/return_mean" in baselines[0]
+
+
+def test_sigterm_during_the_step_0_evaluation_stops_at_once_and_the_resume_evaluates_once(tmp_path):
+    """The step-0 checkpoint comes before the step-0 evaluation, which the progress bar shows and a stop ends
+    (it once ran before the checkpoint and the signal handler: a kill there left a run that could neither be
+    resumed nor started again)."""
+    import signal
+
+    run_dir = tmp_path / "r"
+    proc = spawn(run_dir, "--run-name", "r", "--total-steps", "60", "--eval-episodes", "2000")  # minutes of evaluation
+    log = lambda: next(tmp_path.glob("r.*.log")).read_text()  # noqa: E731
+    wait_for(lambda: "evaluating the random policy: episode 3/2000" in log(), proc)
+    assert ckpt_steps(run_dir) == [0]
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0 and time.time() - t < 20, log()[-2000:]
+    assert "stopped by SIGTERM at step 0" in log() and ckpt_steps(run_dir) == [0]
+    assert not (run_dir / "metrics.jsonl").exists() or not read_rows(run_dir)  # the cut evaluation is not logged
+    proc = spawn(run_dir, "--total-steps", "60", "--eval-episodes", "2", "--resume", str(run_dir))
+    assert proc.wait(timeout=300) == 0
+    rows = read_rows(run_dir)
+    assert [r["step"] for r in rows if "eval/random_return_mean" in r] == [0]
+    assert "eval/return_mean" in rows[0] and [r["step"] for r in rows] == sorted(set(r["step"] for r in rows))
+
+
+def test_a_second_signal_ends_the_process_even_inside_a_long_torch_call(tmp_path):
+    """A Python handler runs only between bytecodes; after the first signal the default action is back, so
+    the second one ends the process from the kernel at once, not when the update returns."""
+    import signal
+
+    run_dir = tmp_path / "r"
+    proc, log = spawn_patched(run_dir, "long-update", "--run-name", "r", "--total-steps", "1000")
+    wait_for(lambda: "UPDATE" in log.read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == -signal.SIGTERM and time.time() - t < 2.0
+    assert "UPDATE DONE" not in log.read_text()  # it died inside the update
+    assert runtime.find_checkpoint(run_dir)[1]["step"] == ckpt_steps(run_dir)[-1] == 15  # the older one is intact
