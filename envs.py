@@ -25,6 +25,10 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # GPU or mesa llvmpipe (CPU); set MUJ
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame (MetaDrive top-down) without a display
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")  # ...and without a sound card (else ALSA spams stderr)
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+# SDL (started by pygame.init() inside MetaDrive's top-down observation) otherwise takes SIGTERM and SIGINT
+# wherever they are at their default action and turns them into an SDL_QUIT event that nothing reads: the
+# process would ignore a scheduler's stop. SDL reads this at SDL_Init.
+os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
 
 import weakref
 
@@ -257,6 +261,12 @@ def _make_metadrive(name: str, image_size: int, action_repeat: int, **kwargs):
     except ImportError as e:
         raise RuntimeError(f"MetaDrive is unavailable ({str(e).splitlines()[0]}): it needs Python < 3.12 and "
                            "`pip install metadrive-simulator==0.4.3`") from None
+    import direct.task.Task as panda_task
+
+    # Panda3D's TaskManager.step() (every MetaDrive step) swaps in a SIGINT handler of its own for each frame, so a
+    # Ctrl-C landing then is a KeyboardInterrupt out of env.step() instead of reaching the run's stop handler.
+    # Task.py guards each swap with `if signal:`, so this turns it off.
+    panda_task.signal = None
     other = _live_metadrive and _live_metadrive()
     if other is not None and not other._closed:
         raise RuntimeError("MetaDrive allows one env per process (its engine is a singleton): close() the open "

@@ -431,3 +431,31 @@ def test_metadrive_camera_weather_ladder_and_fog_gradient():
                                np.random.default_rng(0), vertical_fog=True)
     assert fog[0].mean() < fog[-1].mean()
     assert not np.array_equal(frames["hard_noisy_low_light"], frames["hard"])
+
+
+SIGNALS_REACH = """import os, signal, sys, time
+sys.path.insert(0, os.environ["REPO"])
+import envs
+env = envs.make_env(sys.argv[1], image_size=32, seed=0)
+env.reset(seed=0)
+env.step(env.action_space.sample())
+caught = []
+signal.signal(signal.SIGINT, lambda *a: caught.append("INT"))
+for _ in range(3):  # a Ctrl-C between (and, for MetaDrive, inside Panda3D's frame of) steps reaches the handler
+    os.kill(os.getpid(), signal.SIGINT)
+    env.step(env.action_space.sample())
+print(caught, flush=True)
+os.kill(os.getpid(), signal.SIGTERM)  # no handler: the default action, death
+time.sleep(3)
+print("SURVIVED SIGTERM", flush=True)
+"""
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_signals_reach_the_process_on_every_env(name):
+    """A scheduler's SIGTERM ends a process that has built any env (MetaDrive's pygame/SDL once took it over and
+    the process carried on), and a SIGINT handler installed after the env is built still receives Ctrl-C."""
+    proc = subprocess.run([sys.executable, "-c", SIGNALS_REACH, name], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "REPO": os.path.dirname(os.path.abspath(envs.__file__))})
+    assert proc.returncode == -15 and "SURVIVED" not in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "['INT', 'INT', 'INT']" in proc.stdout, proc.stdout + proc.stderr[-2000:]
