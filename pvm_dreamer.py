@@ -1194,7 +1194,8 @@ def open_run(args: Args) -> tuple[Path, dict | None]:
     corrupt checkpoints to *.corrupt). A new run may not reuse a directory that holds a run: that is either a
     finished run or one to continue with --resume, and mixing two runs' logs would corrupt both."""
     if args.resume:
-        return runtime.run_dir_of(Path(args.resume)), load_checkpoint(Path(args.resume), args, fix_corrupt=True)
+        state = load_checkpoint(Path(args.resume), args, fix_corrupt=True)
+        return runtime.run_dir_of(Path(args.resume)), state
     name = args.run_name or f"{args.env}__{encoder_label(args.pvm, args.mode)}__{args.seed}__{int(time.time())}"
     run_dir = Path(args.logdir) / name
     if runtime.holds_run_data(run_dir):

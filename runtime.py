@@ -304,6 +304,12 @@ def find_checkpoint(path: Path, fix_corrupt: bool = False) -> tuple[Path, dict]:
     """The one lookup behind --resume and every script that reads a run: PATH is a checkpoint file (read as
     named) or a run directory (its newest intact checkpoint). Returns (file, state); UsageError otherwise."""
     path = Path(path)
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # a name too long, a loop of links, no permission...
+        raise UsageError(f"{short(path)}: {e.strerror}; pass a run directory or checkpoint file") from None
     legacy = f"{run_dir_of(path)}/checkpoint.pt is a format-1 checkpoint of an older pvm-dreamer: continue " \
              "that run with the version that wrote it, or start a new run"
     if path.is_file():
@@ -369,8 +375,14 @@ def holds_run_data(run_dir: Path) -> bool:
     at most RUN/.lock and checkpoints/ckpt.tmp: nothing to continue and nothing to lose, so a fresh start under
     the same name may reuse it (it still takes the lock, so a live run is never shared)."""
     run_dir = Path(run_dir)
+    try:
+        run_dir.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as e:  # e.g. a --run-name longer than the file system allows
+        raise UsageError(f"{short(run_dir)}: {e.strerror}; pick another --run-name or --logdir") from None
     if not run_dir.is_dir():
-        return run_dir.exists()
+        return True
     stale = {".lock", "checkpoints", "checkpoints/ckpt.tmp"}
     return any(p.relative_to(run_dir).as_posix() not in stale for p in run_dir.rglob("*"))
 
@@ -379,18 +391,27 @@ def check_writable(path: Path, flag: str):
     """UsageError unless `path` is, or can be made, a directory this process writes in (checked before a run
     builds anything; the first write still reports what the OS says, e.g. for a path under /proc)."""
     path = Path(path).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise UsageError(f"{flag} {short(path)}: {e.strerror}; pick another {flag}") from None
     if not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is a file, not a directory; pick another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: no permission to write in {existing}; pick another {flag}")
 
 
+def short(path, width: int = 80) -> str:
+    """A path for a one-line message, cut in the middle when it is very long."""
+    text = str(path)
+    return text if len(text) <= width else f"{text[:width // 2]}...{text[-width // 2:]}"
+
+
 def make_run_dir(run_dir: Path, flag: str):
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create the run directory {run_dir} ({e.strerror}); pick another {flag}") from None
+        raise UsageError(f"cannot create the run directory {short(run_dir)} ({e.strerror}); pick another {flag}") from None
 
 
 class RunLock:

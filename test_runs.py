@@ -705,6 +705,15 @@ def tree(root):
     (["--env", "metadrive"], "MetaDrive", {}),
     (["--env", "reacher"], "MUJOCO_GL=nonsense", {"MUJOCO_GL": "nonsense"}),
     (["--device", "cuda"], "--device cpu", {}),
+    (["--pvm", "dinov2", *PVM_TINY, "--pvm-image-size", "0"], "--pvm-image-size 0", {}),  # was a late traceback
+    (["--logdir", "/proc/nope"], "/proc/nope", {}),
+    (["--logdir", "{log}/old/metrics.jsonl"], "is a file", {}),
+    (["--run-name", "x" * 300], "File name too long", {}),  # found by the fuzz test
+    (["--wm-lr", "nan"], "--wm-lr nan must be a finite number", {}),
+    (["--seed", "-1"], "--seed -1", {}),
+    (["--lam", "2"], "--lam 2.0 must be in 0..1", {}),
+    (["--replay-size", str(10**12)], "lower --replay-size", {}),
+    (["--device", "meta"], "--device meta", {}),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_runs_untouched(flags, needle, env, old_run, tmp_path, capsys,
                                                                  monkeypatch):
@@ -996,3 +1005,79 @@ def test_kills_and_sigterms_at_random_moments_of_a_runs_whole_life(tmp_path):
         assert total - 25 < episodes[-1][0] <= total  # pointmass episodes: 25 steps
         evals = [r["step"] for r in rows if "eval/return_mean" in r and r["step"] > 0]
         assert evals[-1] == total and len(evals) >= len(ref_evals) - 2, (case, evals, ref_evals)
+
+
+# --- the command line, fuzzed: every flag value ends in a started run or one `error:` line, never a traceback ---
+def flag_values(f, tmp):
+    """Values for one Args field: its own type's values and their bad neighbours, as command-line strings."""
+    from hypothesis import strategies as st
+
+    ints = st.sampled_from(["-1", "0", "1", "2", "3", "8", "2147483648", str(10**12), "-" + str(10**12), "x", "1.5"])
+    floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.sampled_from(["x", "1e400"]))
+    paths = st.sampled_from([str(tmp / "logs"), str(tmp / "new" / "deeper"), str(tmp / "afile"), "/proc/nope",
+                             str(tmp / "nowhere"), str(tmp / "empty"), str(tmp / "logs" / "old"), "x" * 300, ""])
+    choices = dict(env=["pointmass", "atari", ""], pvm=["none", "dinov2", "clip", "vgg"], mode=[*pd.MODES, "half"],
+                   size=["tiny", "size1m", "huge"], actor_grad=["reinforce", "dynamics", "none"],
+                   device=["cpu", "auto", "cuda", "cuda:7", "meta", "tpu", ""],
+                   pvm_id=["tiny", "/nonexistent/dinov2-small", str(tmp / "empty"), "no/such-model", ""])
+    if f.name in choices:
+        return st.sampled_from(choices[f.name]).map(lambda v: [f"--{f.name.replace('_', '-')}", v])
+    if f.type in ("bool", bool):
+        name = f.name.replace("_", "-")
+        return st.sampled_from([[f"--{name}"], [f"--no-{name}"], [f"--{name}", "True"]])
+    values = {"int": ints, "float": floats}.get(str(f.type), paths)
+    return values.map(lambda v: [f"--{f.name.replace('_', '-')}", v])
+
+
+def test_fuzzed_flags_start_a_run_or_fail_in_one_line(tmp_path_factory):
+    """Up to four flags at a time, drawn from their types and neighbouring bad values (negatives, zero, huge,
+    wrong types, non-finite floats, paths that do not exist, are files or cannot be written), on top of a tiny
+    pointmass run; argument checks and construction run as in `pvm_dreamer.py` (train_loop replaced). Each
+    outcome is a started run (exit 0, its step-0 checkpoint written) or exit 2 with one `error:` line and no
+    file written anywhere under the test's directory; anything else (a traceback) fails the test."""
+    import contextlib
+    import dataclasses
+    import io
+    from unittest import mock
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    tmp = tmp_path_factory.mktemp("fuzz")
+    (tmp / "afile").write_text("not a directory")
+    (tmp / "empty").mkdir()
+    pd.main([*SURVIVE, "--logdir", str(tmp / "logs"), "--run-name", "old", "--total-steps", "20"])  # to --resume
+    base = [*SURVIVE, *PVM_TINY, "--logdir", str(tmp / "logs"), "--total-steps", "40"]
+    fields = [f for f in dataclasses.fields(pd.Args)]
+    draws = st.lists(st.sampled_from(fields), min_size=1, max_size=4, unique_by=lambda f: f.name).flatmap(
+        lambda fs: st.tuples(*(flag_values(f, tmp) for f in fs)))
+    outcomes = {}
+
+    @settings(max_examples=int(os.environ.get("PVM_DREAMER_FUZZ_EXAMPLES", "200")), deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(draws)
+    def check(drawn):
+        n = sum(outcomes.values())  # a fresh --run-name for each case (unless drawn)
+        argv = [*base, "--run-name", f"r{n}", *(x for pair in drawn for x in pair)]
+        before = tree(tmp)
+        out, err, started = io.StringIO(), io.StringIO(), []
+        with mock.patch.object(pd, "train_loop", lambda run, stop: started.append(run.run_dir)), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                pd.main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        lines = err.getvalue().strip().splitlines()
+        if code == 0:
+            assert len(started) == 1 and runtime.checkpoint_paths(started[0]), (drawn, err.getvalue())
+            outcomes["started"] = outcomes.get("started", 0) + 1
+        else:
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (drawn, code, err.getvalue())
+            assert tree(tmp) == before, (drawn, "wrote files before failing")
+            outcomes["error"] = outcomes.get("error", 0) + 1
+
+    with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf")}):
+        check()
+    print("fuzzed command lines:", outcomes)
+    assert outcomes.get("started", 0) >= 10 and outcomes.get("error", 0) >= 50, outcomes
