@@ -71,7 +71,7 @@ def encoder_label(pvm: str, mode: str) -> str:
 class Args:
     # --- experiment
     env: str = "pusher"
-    """environment: pusher | reacher | metadrive | metadrive-topdown (see envs.py)"""
+    """environment: pusher | reacher | metadrive | metadrive-topdown | pointmass (see envs.py)"""
     seed: int = 1
     """seed of python, numpy, torch and the environment"""
     device: str = "auto"

@@ -135,6 +135,8 @@ def test_help_documents_every_flag():
                          text=True, timeout=120).stdout
     for name in pd.Args.__dataclass_fields__:
         assert "--" + name.replace("_", "-") in out, name
+    env_help = " ".join(out.split("--env STR")[1].split("--seed")[0].split())
+    assert all(name in env_help for name in envs.ENV_NAMES), env_help  # every task is named where it is chosen
 
 
 # ---------------------------------------------------------------------------------------------------------
