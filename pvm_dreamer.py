@@ -58,7 +58,7 @@ from runtime import UsageError
 # Config
 # ---------------------------------------------------------------------------------------------------------
 PVM = Literal["none", "dinov2", "clip"]  # the image encoder: none = the from-scratch CNN
-Mode = Literal["frozen", "partial", "full"]  # how a PVM is fine-tuned
+Mode = Literal["frozen", "partial", "full", "lora"]  # how a PVM is fine-tuned
 PVMS, MODES = get_args(PVM), get_args(Mode)
 
 
@@ -92,13 +92,29 @@ class Args:
     pvm_random_init: bool = False
     """build the PVM architecture with RANDOM weights (offline tests and timing only; not a pre-trained model)"""
     mode: Mode = "partial"
-    """PVM fine-tuning: frozen = no gradient reaches it; partial = only the last k blocks train; full = all train"""
+    """PVM fine-tuning: frozen = no gradient reaches it; partial = only the last k blocks train; full = all train;
+    lora = low-rank adapters on the last k blocks train, the pre-trained weights never change (beyond the paper)"""
     finetune_blocks: int = 4
-    """k for --mode partial: the last k transformer blocks train ([PVM]: 4 of 12)"""
+    """k for --mode partial / lora: the last k transformer blocks train or get adapters ([PVM]: 4 of 12)"""
     finetune_norm: bool = False
     """--mode partial: also train the ViT's final layernorm ([PVM] keeps it frozen)"""
     encoder_lr_scale: float = 0.1
-    """fine-tuned PVM parameters learn at wm_lr * this ([PVM]: 0.1)"""
+    """fine-tuned PVM parameters (LoRA adapters included) learn at wm_lr * this ([PVM]: 0.1)"""
+    lora_rank: int = 8
+    """--mode lora: rank r of each adapter (peft's default)"""
+    lora_alpha: float = 8.0
+    """--mode lora: adapter scale; a layer computes W x + (alpha / r) B A x (peft's default: 8, so 1.0 at r=8)"""
+    lora_dropout: float = 0.0
+    """--mode lora: dropout on the adapters' input (the only dropout that runs while fine-tuning, see PVMEncoder)"""
+    lora_targets: Literal["qv", "attn", "attn-mlp"] = "qv"
+    """--mode lora: which linear layers of a block get adapters: qv = query and value (the LoRA paper's choice);
+    attn = every attention projection; attn-mlp = every linear layer of the block"""
+    lora_blocks: Literal["last-k", "all"] = "last-k"
+    """--mode lora: adapt the last --finetune-blocks blocks (the same blocks as partial, so the feature cache keeps
+    the frozen prefix) or all blocks"""
+    l2sp: float = 0.0
+    """--mode partial / full: weight a of the L2-SP penalty a/2 * ||theta - theta_pretrained||^2 on the fine-tuned
+    PVM parameters, added to the world-model loss (0 = off; beyond the paper)"""
     pvm_image_size: int = 224
     """side of the square image the PVM sees (frames are resized to it with the PVM's own preprocessing)"""
     pvm_token_dim: int = 16
@@ -451,6 +467,7 @@ PVM_ARCHS = {
 }
 # Each model's own preprocessing, from its Hugging Face image-processor config: DINOv2 resizes the short side
 # to 256 and centre-crops 224 with ImageNet statistics; CLIP resizes to 224 with its own statistics.
+LORA_DEFAULTS = dict(rank=8, alpha=8.0, dropout=0.0, targets="qv", blocks="last-k")  # Args' lora_* defaults
 PVM_NORM = {
     "dinov2": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_ratio=224 / 256),
     "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
@@ -484,6 +501,11 @@ class PVMEncoder(nn.Module):
                unless finetune_norm); the prefix (embeddings + first L-k blocks) runs under no_grad, so no
                activation of it is kept for backward.
       full:    every ViT parameter trains.
+      lora:    (beyond the paper) every pre-trained weight stays as loaded; low-rank adapters W + (alpha/r) B A
+               (Hu et al. 2021, via Hugging Face `peft`) on the chosen linear layers of the last k blocks (or all
+               blocks) train instead. B starts at 0, so at step 0 the encoder is exactly the pre-trained one.
+    Optionally (partial/full) the L2-SP penalty (Li et al. 2018) pulls the fine-tuned weights back towards the
+    pre-trained ones, which are kept as buffers (`anchor`) so that a resumed run has them exactly.
     Features ([PVM]): DINOv2 -> the final-norm patch tokens (no CLS); CLIP -> `pooler_output` (the
     post-layernorm CLS token). Both then pass a learned projection to E, the CNN's embedding width, and end
     in RMSNorm + SiLU, as [PVM]'s encoder output does. differs from paper, in the projection:
@@ -496,7 +518,8 @@ class PVMEncoder(nn.Module):
     # ABLATION POINT: the features (patch tokens / pooled output) and their projection to E"""
 
     def __init__(self, backbone: nn.Module, pvm: str, mode: str, finetune_blocks: int, image_size: int,
-                 out_dim: int, token_dim: int, finetune_norm: bool = False):
+                 out_dim: int, token_dim: int, finetune_norm: bool = False, lora: dict | None = None,
+                 l2sp: float = 0.0):
         super().__init__()
         self.backbone, self.pvm, self.mode, self.k, self.image_size = backbone, pvm, mode, finetune_blocks, image_size
         cfg = backbone.config
@@ -504,7 +527,10 @@ class PVMEncoder(nn.Module):
             raise UsageError(f"--pvm-image-size {image_size} is not a multiple of the PVM's patch size "
                              f"{cfg.patch_size}; use e.g. {cfg.patch_size * (image_size // cfg.patch_size or 1)}")
         depth = len(self.blocks)
-        if mode == "partial" and not 1 <= finetune_blocks <= depth:
+        self.lora = dict(LORA_DEFAULTS, **(lora or {}))
+        if mode == "lora" and self.lora["blocks"] == "all":
+            self.k = finetune_blocks = depth
+        if mode in ("partial", "lora") and not 1 <= finetune_blocks <= depth:
             raise UsageError(f"--finetune-blocks {finetune_blocks} must be in 1..{depth} (the PVM's depth)")
         norm = PVM_NORM[pvm]
         self.register_buffer("mean", torch.tensor(norm["mean"]).view(1, 3, 1, 1), persistent=False)
@@ -526,7 +552,53 @@ class PVMEncoder(nn.Module):
             for m in [*self.blocks[depth - finetune_blocks:], *([self.final_norm] if finetune_norm else [])]:
                 for p in m.parameters():
                     p.requires_grad_(True)
+        if mode == "lora":
+            self._add_adapters(self.blocks[depth - finetune_blocks:])
         self.backbone.eval()
+        # L2-SP: a frozen copy of every parameter that trains, saved with the checkpoint.
+        if l2sp and mode not in ("partial", "full"):
+            raise UsageError(f"--l2sp applies to --mode partial or full (the weights that move), not --mode {mode}")
+        self.l2sp, self.anchor = l2sp, nn.Module()
+        self.l2sp_names = [n for n, p in backbone.named_parameters() if p.requires_grad] if l2sp else []
+        params = dict(backbone.named_parameters())
+        for n in self.l2sp_names:
+            self.anchor.register_buffer(n.replace(".", "__"), params[n].detach().clone())
+
+    def _add_adapters(self, blocks):
+        """LoRA adapters on the `lora["targets"]` linear layers of `blocks`, injected into the backbone in place
+        (module paths stay, so `blocks`, `final_norm` and the feature cache's prefix/suffix split are unchanged).
+        The rule is by module path, so it holds for every HF ViT family: a Linear whose path names attention
+        (`attention`, `attn`) is an attention projection; query/value are `query`/`value` or `q_proj`/`v_proj`."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        names = {id(b): n for n, b in self.backbone.named_modules()}
+        targets = []
+        for blk in blocks:
+            for n, m in blk.named_modules():
+                if not isinstance(m, nn.Linear):
+                    continue
+                leaf, attn = n.split(".")[-1], any(w in n for w in ("attention", "attn"))
+                if {"qv": leaf in ("query", "value", "q_proj", "v_proj"), "attn": attn,
+                        "attn-mlp": True}[self.lora["targets"]]:
+                    targets.append(f"{names[id(blk)]}.{n}")
+        if not targets:
+            raise UsageError(f"--lora-targets {self.lora['targets']} matches no linear layer of this PVM's blocks; "
+                             "try --lora-targets attn-mlp")
+        cfg = LoraConfig(r=self.lora["rank"], lora_alpha=self.lora["alpha"], lora_dropout=self.lora["dropout"],
+                         target_modules=targets, bias="none")
+        inject_adapter_in_model(cfg, self.backbone)
+        for n, p in self.backbone.named_parameters():
+            p.requires_grad_(".lora_" in n)  # only the adapters; every pre-trained weight (and bias) stays
+        self.lora_targets = targets
+        self.lora_dropouts = [m for n, m in self.backbone.named_modules() if ".lora_dropout." in n]
+
+    def l2sp_penalty(self) -> torch.Tensor:
+        """a/2 * sum ||theta - theta_0||^2 over the fine-tuned PVM parameters (0 without --l2sp)."""
+        if not self.l2sp:
+            return torch.zeros((), device=self.mean.device)
+        params = dict(self.backbone.named_parameters())
+        sq = sum((params[n] - getattr(self.anchor, n.replace(".", "__"))).pow(2).sum() for n in self.l2sp_names)
+        return 0.5 * self.l2sp * sq
 
     # Named views of the two architectures' parts (properties, so nothing is registered twice).
     @property
@@ -540,6 +612,8 @@ class PVMEncoder(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()  # dropout/drop-path stay off even while fine-tuning: the RL signal is noisy enough
+        for m in getattr(self, "lora_dropouts", []):  # ... except --lora-dropout, which is asked for by name
+            m.train(mode)
         return self
 
     def preprocess(self, obs: torch.Tensor) -> torch.Tensor:
@@ -560,7 +634,7 @@ class PVMEncoder(nn.Module):
 
     @property
     def trained_blocks(self) -> int:
-        return {"frozen": 0, "partial": self.k, "full": len(self.blocks)}[self.mode]
+        return {"frozen": 0, "partial": self.k, "lora": self.k, "full": len(self.blocks)}[self.mode]
 
     def prefix(self, obs: torch.Tensor) -> torch.Tensor:
         """The part of the ViT that does not train, uint8 (N, h, w, 3) -> hidden tokens (N, 1+P, W) after the
@@ -635,8 +709,9 @@ def make_encoder(args: Args) -> nn.Module:
         return CNNEncoder(args.image_size, depth)
     backbone = load_pvm(args.pvm, pvm_source(args.pvm, args.pvm_id), args.pvm_random_init)
     # E equals the CNN's output width at this size, so both encoders feed the posterior equally wide inputs.
+    lora = {k: getattr(args, f"lora_{k}") for k in LORA_DEFAULTS}
     return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size,
-                      cnn_embed_dim(args.image_size, depth), args.pvm_token_dim, args.finetune_norm)
+                      cnn_embed_dim(args.image_size, depth), args.pvm_token_dim, args.finetune_norm, lora, args.l2sp)
 
 
 def feature_cache_shape(encoder: nn.Module, args: Args) -> tuple | None:
@@ -925,7 +1000,11 @@ def encoder_summary(agent: Dreamer, args: Args) -> str:
     name = "cnn (from scratch)" if args.pvm == "none" else (
         f"{args.pvm} '{pvm_source(args.pvm, args.pvm_id)}' mode={args.mode}"
         + (f" (last {args.finetune_blocks} of {len(enc.blocks)} blocks{' + final norm' * args.finetune_norm})"
-           if args.mode == "partial" else ""))
+           if args.mode == "partial" else "")
+        + (f" (rank {args.lora_rank} on {len(enc.lora_targets)} {args.lora_targets} layers of "
+           f"{'all' if args.lora_blocks == 'all' else f'the last {enc.k} of'} {len(enc.blocks)} blocks)"
+           if args.mode == "lora" else "")
+        + (f" + L2-SP {args.l2sp:g}" if args.l2sp else ""))
     return (f"encoder: {name}: {trainable / 1e6:.2f}M trainable / {frozen / 1e6:.2f}M frozen params; "
             f"whole agent {count(agent.parameters()) / 1e6:.2f}M")
 
@@ -942,6 +1021,9 @@ def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
     scales = wm_loss_scales(agent.args)
     assert set(wm_losses) == set(scales), (wm_losses.keys(), scales.keys())
     wm_loss = sum(scales[k] * v.mean() for k, v in wm_losses.items())
+    if getattr(agent.wm.encoder, "l2sp", 0.0):  # --l2sp: pull the fine-tuned PVM towards its pre-training
+        wm_losses["l2sp"] = agent.wm.encoder.l2sp_penalty()
+        wm_loss = wm_loss + wm_losses["l2sp"]
     opt["wm"].zero_grad(set_to_none=True)
     wm_loss.backward()
     wm_norm = nn.utils.clip_grad_norm_([p for g in opt["wm"].param_groups for p in g["params"]], 1000.0, foreach=True)
@@ -1153,13 +1235,15 @@ RANGES = dict(
     pvm_image_size=(1, 1024), encoder_lr_scale=(0, None), feature_cache_gb=(0, None), wm_lr=(0, None),
     actor_lr=(0, None), critic_lr=(0, None), horizon=(1, None), lam=(0, 1), actor_entropy=(0, None),
     slow_critic_rate=(0, 1), free_nats=(0, None), dyn_scale=(0, None), rep_scale=(0, None), unimix=(0, 1),
+    lora_rank=(1, 4096), lora_alpha=(0, None), lora_dropout=(0, 0.99), l2sp=(0, None),
 )
 
 
 def check_args(args: Args):
     """Every check that needs no model, env or checkpoint, run before anything is built or written."""
     for name, choices in (("env", envs.ENV_NAMES), ("pvm", PVMS), ("mode", MODES), ("size", tuple(SIZES)),
-                          ("actor_grad", ("reinforce", "dynamics"))):
+                          ("actor_grad", ("reinforce", "dynamics")), ("lora_targets", ("qv", "attn", "attn-mlp")),
+                          ("lora_blocks", ("last-k", "all"))):
         if getattr(args, name) not in choices:  # tyro checks Literals on the command line; Args(...) needs this
             raise UsageError(f"unknown --{name.replace('_', '-')} {getattr(args, name)!r}; choose one of: "
                              f"{', '.join(choices)}")
@@ -1171,6 +1255,9 @@ def check_args(args: Args):
             raise UsageError(f"{opt} {v} must be {'at least 1' if lo == 1 else '0 or more'}")
         if hi is not None and not lo <= v <= hi:
             raise UsageError(f"{opt} {v} must be in {lo}..{hi}")
+    if args.l2sp and not (args.pvm != "none" and args.mode in ("partial", "full")):
+        raise UsageError(f"--l2sp applies to a PVM with --mode partial or full (the weights that move), not "
+                         f"{'the CNN' if args.pvm == 'none' else f'--mode {args.mode}'}; drop --l2sp")
     if args.replay_size < args.batch_length:
         raise UsageError(f"--replay-size {args.replay_size} holds no window of --batch-length {args.batch_length}")
     lo, hi = envs.IMAGE_SIZE_RANGE
