@@ -99,7 +99,8 @@ class Args:
     finetune_norm: bool = False
     """--mode partial: also train the ViT's final layernorm ([PVM] keeps it frozen)"""
     encoder_lr_scale: float = 0.1
-    """fine-tuned PVM parameters (LoRA adapters included) learn at wm_lr * this ([PVM]: 0.1)"""
+    """fine-tuned PVM parameters (LoRA adapters included) learn at wm_lr * this ([PVM]: 0.1; untuned for --mode
+    lora, where adapters that start at B = 0 usually want a higher rate)"""
     lora_rank: int = 8
     """--mode lora: rank r of each adapter (peft's default)"""
     lora_alpha: float = 8.0
