@@ -59,6 +59,7 @@ from runtime import UsageError
 # ---------------------------------------------------------------------------------------------------------
 PVM = Literal["none", "dinov2", "clip"]  # the image encoder: none = the from-scratch CNN
 Mode = Literal["frozen", "partial", "full", "lora"]  # how a PVM is fine-tuned
+LoraTargets, LoraBlocks = Literal["qv", "attn", "attn-mlp"], Literal["last-k", "all"]  # see Args.lora_*
 PVMS, MODES = get_args(PVM), get_args(Mode)
 
 
@@ -107,10 +108,10 @@ class Args:
     """--mode lora: adapter scale; a layer computes W x + (alpha / r) B A x (peft's default: 8, so 1.0 at r=8)"""
     lora_dropout: float = 0.0
     """--mode lora: dropout on the adapters' input (the only dropout that runs while fine-tuning, see PVMEncoder)"""
-    lora_targets: Literal["qv", "attn", "attn-mlp"] = "qv"
+    lora_targets: LoraTargets = "qv"
     """--mode lora: which linear layers of a block get adapters: qv = query and value (the LoRA paper's choice);
     attn = every attention projection; attn-mlp = every linear layer of the block"""
-    lora_blocks: Literal["last-k", "all"] = "last-k"
+    lora_blocks: LoraBlocks = "last-k"
     """--mode lora: adapt the last --finetune-blocks blocks (the same blocks as partial, so the feature cache keeps
     the frozen prefix) or all blocks"""
     l2sp: float = 0.0
@@ -468,12 +469,15 @@ PVM_ARCHS = {
 }
 # Each model's own preprocessing, from its Hugging Face image-processor config: DINOv2 resizes the short side
 # to 256 and centre-crops 224 with ImageNet statistics; CLIP resizes to 224 with its own statistics.
-LORA_DEFAULTS = dict(rank=8, alpha=8.0, dropout=0.0, targets="qv", blocks="last-k")  # Args' lora_* defaults
 PVM_NORM = {
     "dinov2": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_ratio=224 / 256),
     "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
                  crop_ratio=1.0),
 }
+
+
+# PVMEncoder's `lora` settings: Args' lora_* flags, without the prefix (defaults read from Args, never copied).
+LORA_DEFAULTS = {k: getattr(Args, f"lora_{k}") for k in ("rank", "alpha", "dropout", "targets", "blocks")}
 
 
 def load_pvm(pvm: str, pvm_id: str, random_init: bool) -> nn.Module:
@@ -553,6 +557,7 @@ class PVMEncoder(nn.Module):
             for m in [*self.blocks[depth - finetune_blocks:], *([self.final_norm] if finetune_norm else [])]:
                 for p in m.parameters():
                     p.requires_grad_(True)
+        self.lora_targets, self.lora_dropouts = [], []  # filled by _add_adapters
         if mode == "lora":
             self._add_adapters(self.blocks[depth - finetune_blocks:])
         self.backbone.eval()
@@ -613,7 +618,7 @@ class PVMEncoder(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()  # dropout/drop-path stay off even while fine-tuning: the RL signal is noisy enough
-        for m in getattr(self, "lora_dropouts", []):  # ... except --lora-dropout, which is asked for by name
+        for m in self.lora_dropouts:  # ... except --lora-dropout, which is asked for by name
             m.train(mode)
         return self
 
@@ -1243,8 +1248,8 @@ RANGES = dict(
 def check_args(args: Args):
     """Every check that needs no model, env or checkpoint, run before anything is built or written."""
     for name, choices in (("env", envs.ENV_NAMES), ("pvm", PVMS), ("mode", MODES), ("size", tuple(SIZES)),
-                          ("actor_grad", ("reinforce", "dynamics")), ("lora_targets", ("qv", "attn", "attn-mlp")),
-                          ("lora_blocks", ("last-k", "all"))):
+                          ("actor_grad", ("reinforce", "dynamics")), ("lora_targets", get_args(LoraTargets)),
+                          ("lora_blocks", get_args(LoraBlocks))):
         if getattr(args, name) not in choices:  # tyro checks Literals on the command line; Args(...) needs this
             raise UsageError(f"unknown --{name.replace('_', '-')} {getattr(args, name)!r}; choose one of: "
                              f"{', '.join(choices)}")
