@@ -166,10 +166,25 @@ class PointMass(gym.Env):
         return self._render(), -dist, False, self.t >= self.episode_steps, {"distance": dist}
 
     def _render(self) -> np.ndarray:
-        frame = np.full((self.size, self.size, 3), 200, np.uint8)
+        return self.draw(self.pos, self.goal)
+
+    BACKGROUND, GOAL_RGB, AGENT_RGB = (200, 200, 200), (220, 30, 30), (30, 60, 220)
+
+    def draw(self, pos, goal, look: dict | None = None) -> np.ndarray:
+        """The frame of the state (pos, goal), seen as in training (look None) or with a `look` (shifts.py's
+        pointmass shifts), a dict with any of: background (an RGB triple or an HxWx3 image, 0..255), goal_rgb,
+        agent_rgb, extra (a list of (x, y, rgb) dots drawn under the task's two) and view = (zoom, ox, oy): the
+        pixel at p in [-1, 1]^2 shows the arena point p / zoom + (ox, oy). Rendering only: the state is read."""
+        look = look or {}
+        frame = np.empty((self.size, self.size, 3), np.uint8)
+        frame[:] = np.clip(np.asarray(look.get("background", self.BACKGROUND)) + 0.5, 0, 255).astype(np.uint8)
+        zoom, ox, oy = look.get("view", (1.0, 0.0, 0.0))
+        xx, yy = self._xx / zoom + ox, self._yy / zoom + oy
         radius = max(self.radius, 2.5 / self.size)  # at least 2.5 px at any size
-        for (x, y), colour in ((self.goal, (220, 30, 30)), (self.pos, (30, 60, 220))):
-            frame[(self._xx - x) ** 2 + (self._yy - y) ** 2 < radius**2] = colour
+        dots = [*look.get("extra", ()), (*goal, look.get("goal_rgb", self.GOAL_RGB)),
+                (*pos, look.get("agent_rgb", self.AGENT_RGB))]
+        for x, y, colour in dots:
+            frame[(xx - x) ** 2 + (yy - y) ** 2 < radius**2] = np.clip(np.asarray(colour) + 0.5, 0, 255)
         return frame
 
 

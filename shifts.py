@@ -31,17 +31,21 @@ import numpy as np
 
 SEVERITIES = ("none", "easy", "medium", "hard")
 INTENSITY = dict(zip(SEVERITIES, (0.0, 1 / 3, 2 / 3, 1.0)))
-MUJOCO, DRIVING = ("pusher", "reacher"), ("metadrive", "metadrive-topdown")
+MUJOCO, DRIVING, POINTMASS = ("pusher", "reacher"), ("metadrive", "metadrive-topdown"), ("pointmass",)
 SHIFTS = {  # name -> (envs it applies to, what it does)
-    "color": (MUJOCO + DRIVING, "MuJoCo: robot/object/goal recoloured toward random colours; MetaDrive: hue "
-                                "rotation (up to 180 deg) and a colour cast"),
+    "color": (MUJOCO + DRIVING + POINTMASS, "MuJoCo: robot/object/goal recoloured toward random colours; "
+              "MetaDrive: hue rotation (up to 180 deg) and a colour cast; pointmass: both dots and the background"),
     "table": (MUJOCO, "table/floor: tinted -> light wood -> dark-wood texture (the paper's hard manipulation shift)"),
+    "texture": (POINTMASS, "the grey background blended toward a random two-colour blotch texture"),
     "light": (MUJOCO, "dimmer (down to 30%), tinted lights; Pusher's lamp also tilts away (up to 40 deg)"),
-    "camera": (MUJOCO, "free camera azimuth/elevation/distance off envs.CAMERAS by up to 30 deg / 20 deg / 25%"),
-    "distractors": (MUJOCO, "2 / 4 / 6 visual-only coloured shapes drifting over the table or floor"),
+    "camera": (MUJOCO + POINTMASS, "free camera azimuth/elevation/distance off envs.CAMERAS by up to 30 deg / "
+               "20 deg / 25%; pointmass: the view zoomed by up to 30% in or out and shifted by up to 0.25"),
+    "distractors": (MUJOCO + POINTMASS, "2 / 4 / 6 visual-only coloured shapes drifting over the table or floor "
+                    "(pointmass: dots like the task's, under them)"),
     "placement": (MUJOCO, "object/goal start in an outer ring outside the training range (changes the initial state)"),
     "weather": (DRIVING, "image-space: soft_high_light / soft_noisy_low_light / hard_low_light; "
                          "hard_noisy_low_light by name"),
+    "noise": (POINTMASS, "Gaussian sensor noise, sigma up to 0.15 of the pixel range, new every frame"),
 }
 # The paper's four driving weathers as image operations on [0, 1] RGB: x -> gain * x**gamma, blended toward fog_rgb
 # by `fog` (a vertical gradient on the forward camera, where the top of the image is far away), plus Gaussian noise.
@@ -202,6 +206,8 @@ class ShiftWrapper(gym.Wrapper):
                 task_reset_model()
                 return self._after_reset_model()
             self.task.reset_model = reset_model
+        elif env_name in POINTMASS:
+            self.task = env.unwrapped  # envs.PointMass: frames are redrawn from its state with the episode's look
 
     # --- gym API --------------------------------------------------------------------------------------------
     def reset(self, *, seed=None, options=None):
@@ -215,7 +221,7 @@ class ShiftWrapper(gym.Wrapper):
 
     def step(self, action):
         self.t += 1
-        if self.shift == "distractors":
+        if self.shift == "distractors" and self.env_name in MUJOCO:
             self._add_distractors()  # markers last one frame: re-add them before each render
         obs, reward, terminated, truncated, info = self.env.step(action)
         return self._image(obs), reward, terminated, truncated, info
@@ -223,6 +229,8 @@ class ShiftWrapper(gym.Wrapper):
     # --- per-episode draws: the same number of draws at every severity, only their scale depends on s ---------
     def _draw_episode(self) -> dict:
         r = self.rng
+        if self.env_name in POINTMASS:
+            return self._draw_pointmass_episode()
         if self.shift == "color":
             return dict(rgb=_vivid(r, 3), sign=r.choice([-1.0, 1.0]), cast=r.uniform(-1, 1, 3))
         if self.shift == "light":
@@ -329,8 +337,47 @@ class ShiftWrapper(gym.Wrapper):
             viewer.add_marker(type=geom_type, size=np.array(size), pos=np.append(xy, z0 + h),
                               rgba=np.append(ep["rgb"][i], 1.0))
 
+    # --- pointmass: the task's own renderer, drawn with a different look --------------------------------------------
+    def _draw_pointmass_episode(self) -> dict:
+        r, size = self.rng, self.observation_space.shape[0]
+        if self.shift == "color":  # background, goal, agent
+            return dict(rgb=255.0 * _vivid(r, 3))
+        if self.shift == "texture":  # two colours in blotches: smooth noise pushed toward 0 or 1
+            blotch = np.clip((_smooth_noise(r, size, (5, 5)) - 0.5) * 6.0 + 0.5, 0.0, 1.0)[..., None]
+            c0, c1 = 255.0 * _vivid(r, 2)
+            return dict(texture=c0 + (c1 - c0) * blotch)
+        if self.shift == "camera":  # zoom (in or out), x offset, y offset, each 60-100% of the rung's maximum
+            return dict(offsets=r.choice([-1.0, 1.0], 3) * r.uniform(0.6, 1.0, 3))
+        if self.shift == "distractors":
+            n = N_DISTRACTORS
+            return dict(xy=r.uniform(-0.8, 0.8, (n, 2)), rgb=255.0 * _vivid(r, n), phase=r.uniform(0, 2 * np.pi, (n, 2)),
+                        omega=r.uniform(0.1, 0.3, n), use=np.arange(round(n * self.s)))
+        return {}  # noise: drawn per frame
+
+    def _pointmass_frame(self) -> np.ndarray:
+        pm, s, ep, look = self.task, self.s, self.ep, {}
+        grey, goal, agent = (np.array(c, np.float64) for c in (pm.BACKGROUND, pm.GOAL_RGB, pm.AGENT_RGB))
+        if self.shift == "color":
+            look.update(background=grey + s * (ep["rgb"][0] - grey), goal_rgb=goal + s * (ep["rgb"][1] - goal),
+                        agent_rgb=agent + s * (ep["rgb"][2] - agent))
+        elif self.shift == "texture":
+            look["background"] = grey + s * (ep["texture"] - grey)
+        elif self.shift == "camera":
+            dz, dx, dy = ep["offsets"]
+            look["view"] = (1.0 + 0.3 * s * dz, 0.25 * s * dx, 0.25 * s * dy)
+        elif self.shift == "distractors":  # drifting along Lissajous paths, 0.3 of the half-width each way
+            xy = ep["xy"] + 0.3 * np.sin(ep["omega"][:, None] * self.t + ep["phase"])
+            look["extra"] = [(*xy[i], ep["rgb"][i]) for i in ep["use"]]
+        frame = pm.draw(pm.pos, pm.goal, look)
+        if self.shift == "noise":
+            noisy = frame + self.rng.normal(0.0, 0.15 * 255.0 * s, frame.shape)
+            frame = np.clip(noisy + 0.5, 0.0, 255.0).astype(np.uint8)
+        return frame
+
     # --- image space (MetaDrive) ----------------------------------------------------------------------------------
     def _image(self, frame: np.ndarray) -> np.ndarray:
+        if self.env_name in POINTMASS:
+            return self._pointmass_frame()
         if self.shift == "weather":
             return weather_image(frame, WEATHERS[WEATHER_LADDER.get(self.severity, self.severity)], self.rng,
                                  vertical_fog=self.env_name == "metadrive")

@@ -240,6 +240,8 @@ def rollout(env, seeds=SEEDS) -> dict:
             out["frames"].append(frame)
             if hasattr(env.unwrapped, "data"):
                 out["qpos"].append(env.unwrapped.data.qpos.copy())
+            elif hasattr(env.unwrapped, "pos"):  # pointmass: its whole state
+                out["qpos"].append(np.concatenate([env.unwrapped.pos, env.unwrapped.goal]))
     return {k: np.array(v) for k, v in out.items()}
 
 
@@ -260,6 +262,7 @@ def test_registry():
     assert shifts.shift_names("pusher") == shifts.shift_names("reacher") == \
         ["color", "table", "light", "camera", "distractors", "placement"]
     assert shifts.shift_names("metadrive") == shifts.shift_names("metadrive-topdown") == ["color", "weather"]
+    assert shifts.shift_names("pointmass") == ["color", "texture", "camera", "distractors", "noise"]
     assert all(isinstance(desc, str) and desc for _, desc in shifts.SHIFTS.values())
     assert set(shifts.WEATHER_LADDER.values()) < set(shifts.WEATHERS) and len(shifts.WEATHERS) == 4
 
@@ -295,8 +298,37 @@ def test_mujoco_shift_ladder_and_dynamics(name, shift):
             assert np.array_equal(runs[sev][key], base[key]), f"{name}/{shift}/{sev}: {key} differs"
 
 
-@pytest.mark.parametrize("name", shifts.MUJOCO)
-@pytest.mark.parametrize("shift", ["color", "light", "camera", "distractors", "placement"])
+@pytest.mark.parametrize("shift", shifts.shift_names("pointmass"))
+def test_pointmass_shift_ladder_and_dynamics(shift):
+    base = mujoco_rollout("pointmass", "none", "none")
+    runs = {sev: mujoco_rollout("pointmass", shift, sev) for sev in LADDER}
+    assert np.array_equal(runs["none"]["frames"], base["frames"])
+    dists = [distance(runs[sev], base) for sev in LADDER]
+    assert all(a < b for a, b in zip(dists, dists[1:])), f"pointmass/{shift}: not increasing {dists}"
+    for sev in LADDER[1:]:
+        for key in ("rewards", "dones", "qpos"):
+            assert np.array_equal(runs[sev][key], base[key]), f"pointmass/{shift}/{sev}: {key} differs"
+
+
+def test_pointmass_distractors_move_and_never_hide_the_task_dots():
+    env = shifts.make_shifted_env("pointmass", "distractors", "hard", image_size=SIZE, seed=0)
+    plain = envs.make_env("pointmass", image_size=SIZE, seed=0)
+    frames = [env.reset(seed=4)[0]]
+    for _ in range(5):
+        frames.append(env.step(np.zeros(2))[0])  # a zero action: the task's dots stay where they are
+    assert len(env.ep["use"]) == shifts.N_DISTRACTORS and not np.array_equal(frames[0], frames[-1])  # they drift
+    pm = plain.unwrapped
+    plain.reset(seed=4)
+    task = pm.draw(pm.pos, pm.goal, dict(background=(0, 0, 0)))
+    dots = task.any(-1)  # the goal's and agent's pixels: the distractors pass under them
+    assert dots.sum() > 0 and np.array_equal(frames[-1][dots], task[dots])
+    env.close()
+    plain.close()
+
+
+@pytest.mark.parametrize("name, shift", [(n, s) for n in shifts.MUJOCO
+                                         for s in ("color", "light", "camera", "distractors", "placement")]
+                         + [("pointmass", s) for s in ("color", "texture", "camera", "distractors")])
 def test_reproducible_per_seed_and_resampled_per_episode(name, shift):
     a = shifts.make_shifted_env(name, shift, "hard", image_size=SIZE, seed=0)
     b = shifts.make_shifted_env(name, shift, "hard", image_size=SIZE, seed=5)
