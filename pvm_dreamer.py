@@ -165,6 +165,13 @@ class Args:
     """write the first evaluation episode of each evaluation to RUN/videos/*.mp4"""
     log_every: int = 1_000
     """agent steps between logged averages of the training losses"""
+    track: bool = False
+    """also log to Weights & Biases, as CleanRL does: the same scalars, the flags, evaluation videos (needs
+    `pip install wandb`; WANDB_MODE=offline writes RUN/wandb/ for a later `wandb sync`)"""
+    wandb_project_name: str = "pvm-dreamer"
+    """the W&B project of --track"""
+    wandb_entity: str = ""
+    """the W&B team or user of --track (empty: your default entity)"""
 
     # --- DreamerV3 hyperparameters ([D3] defaults unless marked)
     wm_lr: float = 1e-4  # differs from paper: latest code uses 4e-5 with LaProp; 1e-4 is the paper's Adam rate
@@ -1181,7 +1188,8 @@ def evaluate(agent: Dreamer | None, env, episodes: int, video_path: str = "", st
 # flag defines the experiment (networks, optimisers, data, objective): a checkpoint continues only with its values.
 RESUME_MAY_CHANGE = ("total_steps", "log_every", "eval_every", "eval_episodes", "capture_video", "checkpoint_every",
                      "keep_checkpoints", "checkpoint_replay", "device", "torch_deterministic", "feature_cache",
-                     "feature_cache_gb", "logdir", "run_name", "resume")
+                     "feature_cache_gb", "logdir", "run_name", "resume", "track", "wandb_project_name",
+                     "wandb_entity")
 
 
 def checkpoint_state(agent: Dreamer, opt: dict, replay: Replay, env, progress: runtime.Progress, args: Args) -> dict:
@@ -1390,7 +1398,9 @@ def start_run(args: Args) -> Run:
     try:
         if state is None:
             run.save()  # step 0: from here on the run can always be continued with --resume
-        run.logger = runtime.Logger(run_dir, p if state else None)
+        track = dict(project=args.wandb_project_name, entity=args.wandb_entity,
+                     config=dict(asdict(args), encoder=encoder_summary(agent, args))) if args.track else None
+        run.logger = runtime.Logger(run_dir, p if state else None, track)
     except BaseException:
         run.close()
         raise
@@ -1413,13 +1423,17 @@ def to_torch(batch: dict, device) -> dict:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
+def eval_video(run_dir: Path, step: int) -> Path:
+    return run_dir / "videos" / f"eval_{step}.mp4"
+
+
 def eval_row(agent: Dreamer | None, env, eval_env, args: Args, run_dir: Path, step: int, stop=None,
              on_episode=None) -> dict | None:
     """One evaluation during training (agent=None: the random policy), on eval_env; None if stop() ended it.
     The training env's generators are put back afterwards, so where eval_env IS the training env (MetaDrive:
     one engine per process) the training episodes still do not depend on --eval-every."""
     saved = envs.rng_state(env)
-    video = str(run_dir / "videos" / f"eval_{step}.mp4") if args.capture_video and agent is not None else ""
+    video = str(eval_video(run_dir, step)) if args.capture_video and agent is not None else ""
     rets = evaluate(agent, eval_env, args.eval_episodes, video, stop, on_episode)
     envs.set_rng_state(env, saved)
     if rets is None:
@@ -1448,6 +1462,10 @@ def train_loop(run: Run, stop: runtime.StopRequest) -> dict:
         show = lambda i: pbar.set_postfix_str(f"evaluating {what}: episode {i + 1}/{args.eval_episodes}")  # noqa: E731
         return eval_row(policy, run.env, run.eval_env, args, run.run_dir, p.step, lambda: bool(stop), show)
 
+    def film(step: int) -> dict | None:  # the evaluation video of this step, for --track's W&B run
+        path = eval_video(run.run_dir, step)
+        return {"eval/video": path} if args.capture_video and path.exists() else None
+
     def train_owed():  # the updates owed at --train-ratio, one at a time so that a stop waits for one at most
         while p.updates_due >= 1 and not stop:
             metrics = train_step(agent, run.opt, to_torch(replay.sample(args.batch_size, args.batch_length), run.device))
@@ -1462,7 +1480,7 @@ def train_loop(run: Run, stop: runtime.StopRequest) -> dict:
             agent_row = evaluation(agent, "the untrained agent") if args.eval_episodes and not stop else {}
             if not stop:
                 if args.eval_episodes:
-                    logger.log(0, {**random_row, **agent_row})
+                    logger.log(0, {**random_row, **agent_row}, film(0))
                 p.baselines = True
                 run.save()  # step 0 again, now covering the baselines: a kill from here on never repeats them
         # A resumed run starts a fresh episode, also from a checkpoint taken mid-episode (at a --checkpoint-every
@@ -1495,7 +1513,7 @@ def train_loop(run: Run, stop: runtime.StopRequest) -> dict:
                     if (evaluated := evaluation(agent, "the agent")) is not None:  # else: still due, at a later end
                         row.update(evaluated)
                         p.next_eval, p.last_eval = runtime.next_mark(p.step, args.eval_every), p.step
-                logger.log(p.step, row)
+                logger.log(p.step, row, film(p.step) if p.last_eval == p.step else None)
                 pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{collector.ep_return:.1f}", upd=p.updates, refresh=False)
             if p.step >= p.next_ckpt and not stop:  # after the row of this step: the checkpoint covers it
                 p.next_ckpt = runtime.next_mark(p.step, args.checkpoint_every)
@@ -1503,7 +1521,7 @@ def train_loop(run: Run, stop: runtime.StopRequest) -> dict:
         # ---- end of training: a final evaluation and checkpoint, unless this step already has them
         if not stop and args.eval_episodes and p.last_eval != p.step:
             if (evaluated := evaluation(agent, "the agent")) is not None:
-                logger.log(p.step, evaluated)
+                logger.log(p.step, evaluated, film(p.step))
                 p.last_eval = p.step
         if stop or run.last_ckpt != p.step or logger.rows != p.rows:
             run.save()

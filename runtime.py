@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import secrets
 import signal
 import socket
 import sys
@@ -447,12 +448,17 @@ class RunLock:
 
 
 class Logger:
-    """TensorBoard (runs/<name>, as CleanRL) plus metrics.jsonl, one JSON row per logged step.
+    """TensorBoard (runs/<name>, as CleanRL) plus metrics.jsonl, one JSON row per logged step, and with `track`
+    (a dict of wandb.init arguments: project, entity, config) the same rows on Weights & Biases.
     A resumed run passes the checkpoint's Progress: rows the interrupted run wrote after that checkpoint (and a
     half-written last line) are dropped, and the resumed run writes them again, so the file has no gap and no
-    repeated row. `rows` counts the rows written, for the next checkpoint to record."""
+    repeated row. `rows` counts the rows written, for the next checkpoint to record.
+    W&B: the run id lives in RUN/wandb_id.txt, so a resumed run continues the same W&B run (resume="allow");
+    rows go with explicit step=, and those at steps W&B already holds (online) are not sent twice: the
+    resumed run computes the same values (resume is exact), and W&B refuses steps that go backwards.
+    WANDB_MODE=offline writes RUN/wandb/offline-run-*; `wandb sync` uploads them later, in order."""
 
-    def __init__(self, run_dir: Path, resume: Progress | None = None):
+    def __init__(self, run_dir: Path, resume: Progress | None = None, track: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl, self.rows, purge = run_dir / "metrics.jsonl", 0, None
@@ -468,14 +474,22 @@ class Logger:
             self.rows = len(kept)
             # purge_step hides the TensorBoard events at steps >= it that the interrupted run logged after them.
             purge = _row_step(kept[-1]) + 1 if kept else 0
+        self.wandb = start_wandb(run_dir, **track) if track is not None else None
         self.writer = SummaryWriter(str(run_dir), purge_step=purge)
 
-    def log(self, step: int, metrics: dict):
+    def log(self, step: int, metrics: dict, videos: dict | None = None):
+        """One row; `videos` maps a tag to an mp4 file, sent to W&B only (TensorBoard and the JSONL keep scalars)."""
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self.rows += 1
+        if self.wandb is not None and step >= self.wandb.step:
+            if videos:
+                import wandb  # start_wandb imported it
+
+                metrics = {**metrics, **{k: wandb.Video(str(v), format="mp4") for k, v in videos.items()}}
+            self.wandb.log(metrics, step=step)
 
     def text(self, tag: str, text: str):
         self.writer.add_text(tag, text)
@@ -489,6 +503,28 @@ class Logger:
 
     def close(self):
         self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def start_wandb(run_dir: Path, project: str, entity: str = "", config: dict | None = None):
+    """wandb.init for this run directory: the same W&B run id for every process that writes it (RUN/wandb_id.txt).
+    wandb is imported here only, so a run without --track never needs it."""
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--track needs Weights & Biases: pip install wandb (or drop --track)") from None
+    id_file = run_dir / "wandb_id.txt"
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(4)  # W&B ids are short alphanumeric strings
+        tmp = id_file.with_suffix(".tmp")
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, id_file)
+    return wandb.init(project=project, entity=entity or None, name=run_dir.name, id=run_id, resume="allow",
+                      config=config, dir=str(run_dir))
 
 
 def _row_step(row: str) -> float:

@@ -1083,3 +1083,77 @@ def test_fuzzed_flags_start_a_run_or_fail_in_one_line(tmp_path_factory):
         check()
     print("fuzzed command lines:", outcomes)
     assert outcomes.get("started", 0) >= 10 and outcomes.get("error", 0) >= 50, outcomes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --track: Weights & Biases, offline
+# ---------------------------------------------------------------------------------------------------------
+def wandb_offline_runs(run_dir) -> list[tuple[str, list[dict]]]:
+    """(run id, history rows) of each offline W&B run under RUN/wandb, oldest first. The .wandb file is a
+    LevelDB-style log of protobuf Records: a 7-byte header, then 32 KiB blocks of chunks (crc, length, type)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = []
+    for path in sorted((run_dir / "wandb").glob("offline-run-*/*.wandb")):
+        raw, pos, buf, run_id, rows = path.read_bytes(), 7, b"", None, []
+        assert raw[:4] == b":W&B"
+        while pos + 7 <= len(raw):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+                pos += 32768 - pos % 32768
+                continue
+            _, n, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+            if n == kind == 0:
+                pos += 32768 - pos % 32768
+                continue
+            buf, pos = buf + raw[pos + 7:pos + 7 + n], pos + 7 + n
+            if kind in (1, 4):  # a FULL chunk or the LAST of several
+                rec = pb.Record()
+                rec.ParseFromString(buf)
+                buf, which = b"", rec.WhichOneof("record_type")
+                if which == "run":
+                    run_id = rec.run.run_id
+                elif which == "history":
+                    rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        out.append((run_id, rows))
+    return out
+
+
+def test_track_logs_the_rows_to_an_offline_wandb_run_that_a_resume_continues(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    flags = [*SURVIVE, "--logdir", str(tmp_path), "--checkpoint-every", "50", "--track", "--capture-video"]
+    assert main_in_process([*flags, "--run-name", "b", "--total-steps", "50"], capsys)[0] == 0
+    code, _, err = main_in_process([*flags, "--resume", str(tmp_path / "b"), "--total-steps", "100"], capsys)
+    assert code == 0, err
+    run_id = (tmp_path / "b" / "wandb_id.txt").read_text().strip()
+    runs = wandb_offline_runs(tmp_path / "b")
+    assert [r[0] for r in runs] == [run_id, run_id]  # two processes, one W&B run
+    logged = {}  # step -> every scalar W&B got at that step (rows at one step are merged, as W&B does)
+    for _, rows in runs:
+        for row in rows:
+            logged.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
+    expected = {}
+    for row in read_rows(tmp_path / "b"):
+        expected.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step"})
+    for step, scalars in expected.items():  # the JSONL's rows, all of them, with the same values
+        assert {k: logged[step][k] for k in scalars} == pytest.approx(scalars), step
+    assert max(expected) == 100 and any("wm/loss" in s for s in logged.values())
+    videos = [step for step, s in logged.items() if s.get("eval/video/_type") == "video-file"]  # media: nested keys
+    assert 100 in videos and list((tmp_path / "b" / "wandb").glob("offline-run-*/files/media/videos/eval/*.mp4"))
+
+
+def test_a_run_without_track_never_imports_wandb(tmp_path):
+    code = ("import sys, pvm_dreamer; pvm_dreamer.main(sys.argv[1:]); "
+            "assert 'wandb' not in sys.modules, 'wandb was imported'")
+    proc = subprocess.run([sys.executable, "-c", code, *SURVIVE, "--logdir", str(tmp_path), "--total-steps", "25",
+                           "--eval-episodes", "0"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_track_without_wandb_installed_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    with pytest.raises(runtime.UsageError, match="pip install wandb"):
+        runtime.start_wandb(tmp_path, project="p")
+    assert not (tmp_path / "wandb_id.txt").exists()
