@@ -1366,6 +1366,8 @@ def start_run(args: Args) -> Run:
     checkpoint, so that from the first file on the run can be continued with --resume (and a run killed
     before that checkpoint was complete leaves nothing a fresh start would refuse to reuse)."""
     check_args(args)
+    if args.track:
+        runtime.check_wandb()  # no W&B install or credentials: one line, before the run writes anything
     device = runtime.resolve_device(args.device)
     if device.type == "cpu":
         runtime.keep_freed_memory()

@@ -508,6 +508,18 @@ class Logger:
             self.wandb = None
 
 
+def check_wandb():
+    """Before a --track run writes anything: wandb is installed, and it has credentials unless it logs offline."""
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--track needs Weights & Biases: pip install wandb (or drop --track)") from None
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
+    if not offline and not wandb.login(prompt=False, verify=False):
+        raise UsageError("--track: no W&B credentials; run `wandb login` (or set WANDB_API_KEY), or set "
+                         "WANDB_MODE=offline to log locally and `wandb sync` later")
+
+
 def start_wandb(run_dir: Path, project: str, entity: str = "", config: dict | None = None):
     """wandb.init for this run directory: the same W&B run id for every process that writes it (RUN/wandb_id.txt).
     wandb is imported here only, so a run without --track never needs it."""
@@ -523,8 +535,13 @@ def start_wandb(run_dir: Path, project: str, entity: str = "", config: dict | No
         tmp = id_file.with_suffix(".tmp")
         tmp.write_text(run_id + "\n")
         os.replace(tmp, id_file)
-    return wandb.init(project=project, entity=entity or None, name=run_dir.name, id=run_id, resume="allow",
-                      config=config, dir=str(run_dir))
+    try:  # mode read here, not at wandb's first import: WANDB_MODE=offline may be set after that
+        return wandb.init(project=project, entity=entity or None, name=run_dir.name, id=run_id, resume="allow",
+                          config=config, dir=str(run_dir), mode=os.environ.get("WANDB_MODE") or None)
+    except Exception as e:  # no API key, no network, a bad entity: one line, and the run's files stay as they are
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"--track: W&B did not start ({why}); run `wandb login`, or set WANDB_MODE=offline "
+                         "to log locally and `wandb sync` later, or drop --track") from None
 
 
 def _row_step(row: str) -> float:

@@ -261,15 +261,14 @@ def test_a_checkpoint_from_before_finetune_norm_resumes_only_with_it(tmp_path):
 
 def test_one_evaluation_path_training_and_evaluate_py_agree(tmp_path, capsys):
     """The evaluation logged at the end of training and evaluate.py's in-distribution row score the same
-    checkpoint on the same starts with the same function: the same returns, to the last digit. (pointmass has
-    no shifts, so evaluate.py evaluates in distribution only, as --shifts none would.)"""
+    checkpoint on the same starts with the same function: the same returns, to the last digit (evaluate.py
+    --shifts none: in distribution only)."""
     pd.main(["--env", "pointmass", "--size", "tiny", "--image-size", "32", "--total-steps", "60", "--learning-starts",
              "30", "--batch-size", "2", "--batch-length", "8", "--eval-episodes", "2", "--logdir", str(tmp_path),
              "--run-name", "r"])
     logged = [r for r in read_rows(tmp_path / "r") if "eval/return_mean" in r]
     random_logged = next(r for r in read_rows(tmp_path / "r") if "eval/random_return_mean" in r)
-    ev.main([str(tmp_path / "r"), "--episodes", "2"])
-    assert "pointmass has no visual shifts" in capsys.readouterr().out
+    ev.main([str(tmp_path / "r"), "--episodes", "2", "--shifts", "none"])
     rows = json.loads((tmp_path / "r" / "shift_eval.json").read_text())["rows"]
     assert [(r["policy"], r["shift"]) for r in rows] == [("random", "none"), ("agent", "none")]
     assert logged[-1]["step"] == 60 and rows[1]["mean"] == logged[-1]["eval/return_mean"]
@@ -1152,8 +1151,15 @@ def test_a_run_without_track_never_imports_wandb(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_track_without_wandb_installed_is_one_line(tmp_path, monkeypatch):
+def test_track_without_wandb_or_credentials_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(runtime.UsageError, match="wandb login"):
+        runtime.check_wandb()
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    with pytest.raises(runtime.UsageError, match="pip install wandb"):
+        runtime.check_wandb()
     with pytest.raises(runtime.UsageError, match="pip install wandb"):
         runtime.start_wandb(tmp_path, project="p")
     assert not (tmp_path / "wandb_id.txt").exists()
