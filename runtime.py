@@ -486,8 +486,7 @@ class Logger:
         self.rows += 1
         if self.wandb is not None and step >= self.wandb.step:
             if videos:
-                import wandb  # start_wandb imported it
-
+                wandb = _import_wandb()  # already imported by start_wandb
                 metrics = {**metrics, **{k: wandb.Video(str(v), format="mp4") for k, v in videos.items()}}
             self.wandb.log(metrics, step=step)
 
@@ -508,12 +507,17 @@ class Logger:
             self.wandb = None
 
 
-def check_wandb():
-    """Before a --track run writes anything: wandb is installed, and it has credentials unless it logs offline."""
+def _import_wandb():
     try:
         import wandb
     except ImportError:
         raise UsageError("--track needs Weights & Biases: pip install wandb (or drop --track)") from None
+    return wandb
+
+
+def check_wandb():
+    """Before a --track run writes anything: wandb is installed, and it has credentials unless it logs offline."""
+    wandb = _import_wandb()
     offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled")
     if not offline and not wandb.login(prompt=False, verify=False):
         raise UsageError("--track: no W&B credentials; run `wandb login` (or set WANDB_API_KEY), or set "
@@ -523,10 +527,7 @@ def check_wandb():
 def start_wandb(run_dir: Path, project: str, entity: str = "", config: dict | None = None):
     """wandb.init for this run directory: the same W&B run id for every process that writes it (RUN/wandb_id.txt).
     wandb is imported here only, so a run without --track never needs it."""
-    try:
-        import wandb
-    except ImportError:
-        raise UsageError("--track needs Weights & Biases: pip install wandb (or drop --track)") from None
+    wandb = _import_wandb()
     id_file = run_dir / "wandb_id.txt"
     if id_file.exists():
         run_id = id_file.read_text().strip()

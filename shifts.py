@@ -229,7 +229,7 @@ class ShiftWrapper(gym.Wrapper):
     # --- per-episode draws: the same number of draws at every severity, only their scale depends on s ---------
     def _draw_episode(self) -> dict:
         r = self.rng
-        if self.env_name in POINTMASS:
+        if self.env_name in POINTMASS and self.shift != "camera":  # camera: the same three offsets as MuJoCo's
             return self._draw_pointmass_episode()
         if self.shift == "color":
             return dict(rgb=_vivid(r, 3), sign=r.choice([-1.0, 1.0]), cast=r.uniform(-1, 1, 3))
@@ -346,8 +346,6 @@ class ShiftWrapper(gym.Wrapper):
             blotch = np.clip((_smooth_noise(r, size, (5, 5)) - 0.5) * 6.0 + 0.5, 0.0, 1.0)[..., None]
             c0, c1 = 255.0 * _vivid(r, 2)
             return dict(texture=c0 + (c1 - c0) * blotch)
-        if self.shift == "camera":  # zoom (in or out), x offset, y offset, each 60-100% of the rung's maximum
-            return dict(offsets=r.choice([-1.0, 1.0], 3) * r.uniform(0.6, 1.0, 3))
         if self.shift == "distractors":
             n = N_DISTRACTORS
             return dict(xy=r.uniform(-0.8, 0.8, (n, 2)), rgb=255.0 * _vivid(r, n), phase=r.uniform(0, 2 * np.pi, (n, 2)),
@@ -362,7 +360,7 @@ class ShiftWrapper(gym.Wrapper):
                         agent_rgb=agent + s * (ep["rgb"][2] - agent))
         elif self.shift == "texture":
             look["background"] = grey + s * (ep["texture"] - grey)
-        elif self.shift == "camera":
+        elif self.shift == "camera":  # zoom (in or out), x offset, y offset
             dz, dx, dy = ep["offsets"]
             look["view"] = (1.0 + 0.3 * s * dz, 0.25 * s * dx, 0.25 * s * dy)
         elif self.shift == "distractors":  # drifting along Lissajous paths, 0.3 of the half-width each way
@@ -370,8 +368,7 @@ class ShiftWrapper(gym.Wrapper):
             look["extra"] = [(*xy[i], ep["rgb"][i]) for i in ep["use"]]
         frame = pm.draw(pm.pos, pm.goal, look)
         if self.shift == "noise":
-            noisy = frame + self.rng.normal(0.0, 0.15 * 255.0 * s, frame.shape)
-            frame = np.clip(noisy + 0.5, 0.0, 255.0).astype(np.uint8)
+            frame = to_uint8(frame / 255.0 + self.rng.normal(0.0, 0.15 * s, frame.shape))
         return frame
 
     # --- image space (MetaDrive) ----------------------------------------------------------------------------------
@@ -405,6 +402,11 @@ def weather_image(frame: np.ndarray, w: dict, rng: np.random.Generator, vertical
     x = x * (1.0 - fog) + fog * np.asarray(w["fog_rgb"])
     if w["noise"]:
         x = x + rng.normal(0.0, w["noise"], x.shape)
+    return to_uint8(x)
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[0, 1] RGB (values outside are clipped) -> uint8, rounded."""
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
