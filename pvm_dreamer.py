@@ -23,8 +23,8 @@ Deviations from [D3]/[PVM]; each is marked `# differs from paper:` where it live
   - Strided 4x4 convolutions in the CNN (as DreamerV3 v1) instead of stride-1 convs + pooling: ~4x cheaper.
   - Two-hot bins live in symlog space (as the DreamerV3 paper describes it).
   - Defaults sized for a CPU (`--size small`, 64x64 images); the paper ran size200m at 224x224.
-  - A learned projection to the embedding width E after the PVM: per patch token for DINOv2, and a Linear
-    for CLIP's pooled output (see PVMEncoder).
+  - A learned projection to the embedding width E after the PVM: per patch token for patch features (DINOv2),
+    and a Linear for a pooled output (CLIP) (see PVMEncoder).
 Left out, for readability: the replay-value loss (`repval`), replay context / latent replay, prioritised
 replay, parallel environments, and distributed actors. `# ABLATION POINT:` marks the knobs worth forking.
 
@@ -57,7 +57,7 @@ from runtime import UsageError
 # ---------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------
-PVM = Literal["none", "dinov2", "clip"]  # the image encoder: none = the from-scratch CNN
+PVM = Literal["none", "dinov2", "clip", "siglip", "vit", "mae"]  # the image encoder: none = the from-scratch CNN
 Mode = Literal["frozen", "partial", "full", "lora"]  # how a PVM is fine-tuned
 LoraTargets, LoraBlocks = Literal["qv", "attn", "attn-mlp"], Literal["last-k", "all"]  # see Args.lora_*
 PVMS, MODES = get_args(PVM), get_args(Mode)
@@ -87,9 +87,16 @@ class Args:
 
     # --- encoder: a from-scratch CNN or a pre-trained vision model
     pvm: PVM = "none"
-    """image encoder: none = DreamerV3's CNN trained from scratch (the baseline); dinov2 | clip = a PVM"""
+    """image encoder: none = DreamerV3's CNN trained from scratch (the baseline); dinov2 | clip = the paper's PVMs;
+    siglip | vit | mae = more ViT families from the Hub (beyond the paper; see FAMILIES)"""
     pvm_id: str = ""
-    """Hugging Face model id or local directory; empty = the paper's model (dinov2-small / clip-vit-base-patch32)"""
+    """Hugging Face model id or local directory of a model of --pvm's family (DINOv2 with registers is --pvm
+    dinov2); empty = the family's default: dinov2-small / clip-vit-base-patch32 (the paper's),
+    siglip-base-patch16-224, vit-base-patch16-224-in21k, vit-mae-base"""
+    pvm_features: Literal["auto", "patches", "pooled"] = "auto"
+    """what the PVM hands the world model: auto = [PVM]'s rule (patch tokens for self-supervised DINOv2 / MAE and
+    for ViT; the pooled output for contrastive CLIP / SigLIP); patches = the final-norm patch tokens; pooled = the
+    final-norm CLS token (SigLIP: its attention-pooling head)"""
     pvm_random_init: bool = False
     """build the PVM architecture with RANDOM weights (offline tests and timing only; not a pre-trained model)"""
     mode: Mode = "partial"
@@ -98,7 +105,7 @@ class Args:
     finetune_blocks: int = 4
     """k for --mode partial / lora: the last k transformer blocks train or get adapters ([PVM]: 4 of 12)"""
     finetune_norm: bool = False
-    """--mode partial: also train the ViT's final layernorm ([PVM] keeps it frozen)"""
+    """--mode partial: also train the ViT's final layernorm (and SigLIP's pooling head; [PVM] keeps it frozen)"""
     encoder_lr_scale: float = 0.1
     """fine-tuned PVM parameters (LoRA adapters included) learn at wm_lr * this ([PVM]: 0.1; untuned for --mode
     lora, where adapters that start at B = 0 usually want a higher rate)"""
@@ -120,7 +127,7 @@ class Args:
     pvm_image_size: int = 224
     """side of the square image the PVM sees (frames are resized to it with the PVM's own preprocessing)"""
     pvm_token_dim: int = 16
-    """DINOv2 only: width each patch token is projected to before flattening (see PVMEncoder)"""
+    """patch features only: width each patch token is projected to before flattening (see PVMEncoder)"""
     feature_cache: bool = True
     """frozen/partial: run the frozen part of the PVM once per frame, when it enters replay, and train on its
     stored output instead of re-encoding every replayed frame ~train-ratio times (the same maths up to the
@@ -450,11 +457,72 @@ class CNNEncoder(nn.Module):
         return self.net(x).reshape(*obs.shape[:-3], self.out_dim)  # (..., E)
 
 
-PVM_DEFAULT_IDS = {"dinov2": "facebook/dinov2-small", "clip": "openai/clip-vit-base-patch32"}  # [PVM]'s models
+# ---------------------------------------------------------------------------------------------------------
+# PVM families: how each kind of Hugging Face ViT is taken apart. Everything PVMEncoder does to a backbone
+# (its blocks for partial/lora, its final norm, what precedes the patch tokens, how its embeddings are called)
+# is read from this table, so supporting one more family is one entry.
+# ---------------------------------------------------------------------------------------------------------
+IMAGENET_STATS = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+HALF_STATS = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+CLIP_STATS = dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+
+
+@dataclass(frozen=True)
+class Family:
+    models: dict[str, tuple[str, str]]  # config.model_type -> (transformers model class, its config class)
+    default_id: str  # the checkpoint --pvm loads without --pvm-id
+    root: str  # the submodule that is the ViT ("" = the model itself)
+    blocks: str  # its transformer blocks (a ModuleList), relative to root
+    final_norm: str  # the norm after the last block
+    features: str  # [PVM]'s rule: patches (self-supervised) or pooled (contrastive); --pvm-features overrides
+    cls: bool = True  # a CLS token precedes the patch tokens (SigLIP has none)
+    pre_norm: str = ""  # a norm between the embeddings and the first block (CLIP's pre_layrnorm)
+    pool_head: str = ""  # a learned pooling module after the final norm (SigLIP's attention-pooling head)
+    block_masks: int = 0  # how many mask arguments (passed as None) a block takes after the hidden states
+    embed_kw: tuple[str, ...] = ()  # keyword arguments of its embeddings: interpolate_pos_encoding, noise (MAE)
+    model_kw: tuple[tuple[str, object], ...] = ()  # extra model-constructor arguments
+    preprocessing: dict = None  # the default checkpoint's image-processor config, for when none is at hand
+
+
+FAMILIES = {
+    # DINOv2 (self-supervised): final-norm patch tokens. With registers, 4 register tokens follow the CLS.
+    "dinov2": Family(models={"dinov2": ("Dinov2Model", "Dinov2Config"),
+                             "dinov2_with_registers": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig")},
+                     default_id="facebook/dinov2-small", root="", blocks="encoder.layer", final_norm="layernorm",
+                     features="patches",
+                     preprocessing=dict(resize=256, crop=224, resample="bicubic", **IMAGENET_STATS)),
+    # CLIP (contrastive): pooled output = the post-layernorm CLS token.
+    "clip": Family(models={"clip": ("CLIPVisionModel", "CLIPVisionConfig"),
+                           "clip_vision_model": ("CLIPVisionModel", "CLIPVisionConfig")},
+                   default_id="openai/clip-vit-base-patch32", root="vision_model", blocks="encoder.layers",
+                   final_norm="post_layernorm", features="pooled", pre_norm="pre_layrnorm", block_masks=2,
+                   embed_kw=("interpolate_pos_encoding",),
+                   preprocessing=dict(resize=224, crop=224, resample="bicubic", **CLIP_STATS)),
+    # SigLIP (contrastive, no CLS): pooled output = its multi-head attention-pooling head over all tokens.
+    "siglip": Family(models={"siglip": ("SiglipVisionModel", "SiglipVisionConfig"),
+                             "siglip_vision_model": ("SiglipVisionModel", "SiglipVisionConfig")},
+                     default_id="google/siglip-base-patch16-224", root="vision_model", blocks="encoder.layers",
+                     final_norm="post_layernorm", features="pooled", cls=False, pool_head="head", block_masks=1,
+                     embed_kw=("interpolate_pos_encoding",),
+                     preprocessing=dict(resize=224, crop=None, resample="bicubic", **HALF_STATS)),
+    # ViT (supervised, ImageNet-21k): patch tokens, as for DINOv2 (control needs where things are; its CLS was
+    # trained to name a class). Built without its pooler (a Linear + tanh the agent never uses).
+    "vit": Family(models={"vit": ("ViTModel", "ViTConfig")}, default_id="google/vit-base-patch16-224-in21k",
+                  root="", blocks="encoder.layer", final_norm="layernorm", features="patches",
+                  embed_kw=("interpolate_pos_encoding",), model_kw=(("add_pooling_layer", False),),
+                  preprocessing=dict(resize=224, crop=None, resample="bilinear", **HALF_STATS)),
+    # ViT-MAE (self-supervised): patch tokens, with masking off (mask ratio 0 and an identity "shuffle", so every
+    # patch is kept in its place; MAE's encoder otherwise drops 75% of them at random).
+    "mae": Family(models={"vit_mae": ("ViTMAEModel", "ViTMAEConfig")}, default_id="facebook/vit-mae-base",
+                  root="", blocks="encoder.layer", final_norm="layernorm", features="patches",
+                  embed_kw=("interpolate_pos_encoding", "noise"),
+                  preprocessing=dict(resize=224, crop=None, resample="bicubic", **IMAGENET_STATS)),
+}
+PVM_DEFAULT_IDS = {name: fam.default_id for name, fam in FAMILIES.items()}
 
 
 def pvm_source(pvm: str, pvm_id: str = "") -> str:
-    """The Hugging Face id or local directory a PVM loads from: --pvm-id, else the paper's model."""
+    """The Hugging Face id or local directory a PVM loads from: --pvm-id, else the family's default model."""
     return pvm_id or PVM_DEFAULT_IDS[pvm]
 
 
@@ -464,93 +532,176 @@ PVM_ARCHS = {
     "facebook/dinov2-small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518),
     "facebook/dinov2-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=518),
     "facebook/dinov2-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=518),
+    "facebook/dinov2-with-registers-small": dict(model_type="dinov2_with_registers", hidden_size=384,
+                                                 num_hidden_layers=12, num_attention_heads=6, image_size=518,
+                                                 num_register_tokens=4),
     "openai/clip-vit-base-patch32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                          num_attention_heads=12, patch_size=32),
     "openai/clip-vit-base-patch16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                          num_attention_heads=12, patch_size=16),
     "openai/clip-vit-large-patch14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                           num_attention_heads=16, patch_size=14),
-    # A 6-block, 32-wide ViT for tests and debugging on a CPU (a few ms per frame).
+    "google/siglip-base-patch16-224": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                           num_attention_heads=12, patch_size=16, image_size=224),
+    "google/vit-base-patch16-224-in21k": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                              num_attention_heads=12, patch_size=16, image_size=224),
+    "facebook/vit-mae-base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                  num_attention_heads=12, patch_size=16, image_size=224),
+    # A 6-block, 32-wide ViT of --pvm's family for tests and debugging on a CPU (a few ms per frame).
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2,
                  patch_size=8, image_size=32),
-}
-# Each model's own preprocessing, from its Hugging Face image-processor config: DINOv2 resizes the short side
-# to 256 and centre-crops 224 with ImageNet statistics; CLIP resizes to 224 with its own statistics.
-PVM_NORM = {
-    "dinov2": dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_ratio=224 / 256),
-    "clip": dict(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
-                 crop_ratio=1.0),
+    "tiny-registers": dict(model_type="dinov2_with_registers", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=6, num_attention_heads=2, patch_size=8, image_size=32,
+                           num_register_tokens=4),
 }
 
 
 # PVMEncoder's `lora` settings: Args' lora_* flags, without the prefix (defaults read from Args, never copied).
 LORA_DEFAULTS = {k: getattr(Args, f"lora_{k}") for k in ("rank", "alpha", "dropout", "targets", "blocks")}
+_LOAD_FIX = "pass a local directory with --pvm-id, or use --pvm-random-init for an untrained model of the same " \
+            "architecture"
+
+
+def pvm_classes(pvm: str, model_type: str, src: str) -> tuple[type, type]:
+    """The transformers (model, config) classes of a checkpoint's model_type, if it belongs to --pvm's family."""
+    import transformers
+
+    if model_type not in FAMILIES[pvm].models:
+        owner = next((name for name, fam in FAMILIES.items() if model_type in fam.models), None)
+        if owner:
+            raise UsageError(f"'{src}' is a {model_type} model, not {pvm}: pass --pvm {owner}")
+        known = ", ".join(f"{name} ({'/'.join(fam.models)})" for name, fam in FAMILIES.items())
+        raise UsageError(f"'{src}' is a '{model_type}' model, which pvm-dreamer cannot take apart; supported "
+                         f"--pvm families (their model types): {known}")
+    return tuple(getattr(transformers, c) for c in FAMILIES[pvm].models[model_type])
 
 
 def load_pvm(pvm: str, pvm_id: str, random_init: bool) -> nn.Module:
-    """A transformers Dinov2Model / CLIPVisionModel: pre-trained via from_pretrained (a Hub id or a local
-    directory), or randomly initialised from a config (tests, timing). Missing weights are one line."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+    """A transformers vision model of --pvm's family (FAMILIES), by Hub id or local directory: pre-trained via
+    from_pretrained, or randomly initialised from a config (tests, timing). Its config's model_type decides
+    the class; a model of another family, an unsupported one, or missing weights are one line each."""
+    from transformers import PretrainedConfig
     from transformers.utils import logging as hf_logging
 
+    def model_type(src: str, **kw) -> str:  # what AutoConfig dispatches on, read from config.json
+        cfg = PretrainedConfig.get_config_dict(src, **kw)[0]
+        if "model_type" not in cfg:  # (an empty directory reads as {}; AutoConfig would then guess from its name)
+            raise OSError("no config.json with a model_type")
+        return cfg["model_type"]
+
     hf_logging.set_verbosity_error()
-    model_cls, config_cls = (Dinov2Model, Dinov2Config) if pvm == "dinov2" else (CLIPVisionModel, CLIPVisionConfig)
-    if random_init:
-        if pvm_id in PVM_ARCHS:
-            return model_cls(config_cls(**PVM_ARCHS[pvm_id]))
-        if Path(pvm_id).is_dir():
-            return model_cls(config_cls.from_pretrained(pvm_id))
+    fam = FAMILIES[pvm]
+    if random_init and pvm_id in PVM_ARCHS:
+        arch = dict(PVM_ARCHS[pvm_id])
+        model_cls, config_cls = pvm_classes(pvm, arch.pop("model_type", next(iter(fam.models))), pvm_id)
+        config = config_cls(**arch)
+    elif random_init and not Path(pvm_id).is_dir():
         raise UsageError(f"--pvm-random-init knows the architectures {sorted(PVM_ARCHS)}; for '{pvm_id}' pass "
                          "a local directory that holds its config.json")
-    return runtime.from_pretrained(model_cls.from_pretrained, pvm_id, fix="pass a local directory with --pvm-id, "
-                                   "or use --pvm-random-init for an untrained model of the same architecture")
+    else:
+        config = None
+        model_cls, config_cls = pvm_classes(pvm, runtime.from_pretrained(model_type, pvm_id, fix=_LOAD_FIX), pvm_id)
+    kw = dict(fam.model_kw)
+    if random_init:
+        # a vision config class reads the vision tower's part of a full CLIP/SigLIP config.json
+        config = config if isinstance(config, config_cls) else config_cls.from_pretrained(pvm_id)
+        model = model_cls(config, **kw)
+    else:
+        model = runtime.from_pretrained(lambda src, **k: model_cls.from_pretrained(src, **kw, **k), pvm_id,
+                                        fix=_LOAD_FIX)
+    if hasattr(model.config, "mask_ratio"):
+        model.config.mask_ratio = 0.0  # ViT-MAE: keep every patch (its embeddings read this on every call)
+    return model
+
+
+def pvm_preprocessing(pvm: str, pvm_id: str, random_init: bool) -> dict:
+    """The model's own preprocessing, read from its image-processor config (preprocessor_config.json, beside the
+    weights on the Hub or in a local directory): resize side, centre-crop side (None = no crop), resampling and
+    mean/std. Falls back to the family's default checkpoint's (FAMILIES) when there is none: a random-init
+    architecture, or a directory without that file (which is then said)."""
+    fam = FAMILIES[pvm]
+    src = pvm_source(pvm, pvm_id)
+    if random_init and not Path(src).is_dir():
+        return dict(fam.preprocessing)
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    try:
+        cfg = runtime.from_pretrained(lambda s, **k: ImageProcessingMixin.get_image_processor_dict(s, **k)[0],
+                                      src, fix=_LOAD_FIX)
+    except UsageError as e:
+        if not random_init:
+            print(f"note: no image-processor config for '{src}' ({e}); using {fam.default_id}'s preprocessing")
+        return dict(fam.preprocessing)
+    return preprocessing_from_config(cfg, fam.preprocessing)
+
+
+def preprocessing_from_config(cfg: dict, default: dict) -> dict:
+    """A Hugging Face image-processor config (dict) -> {resize, crop, resample, mean, std} for square frames.
+    `size` is {shortest_edge} (DINOv2, CLIP), {height, width} (SigLIP) or an int (older ViT/CLIP configs):
+    on a square frame each means the same square resize."""
+    size, crop = cfg.get("size"), cfg.get("crop_size")
+    side = lambda s: s if isinstance(s, int) or s is None else (s.get("shortest_edge") or s.get("height"))  # noqa: E731
+    normalise = cfg.get("do_normalize", True)
+    return dict(resize=side(size) or default["resize"],
+                crop=side(crop) if cfg.get("do_center_crop") and crop is not None else None,
+                resample={2: "bilinear", 3: "bicubic"}.get(cfg.get("resample"), default["resample"]),  # PIL codes
+                mean=tuple(cfg.get("image_mean", default["mean"])) if normalise else (0.0, 0.0, 0.0),
+                std=tuple(cfg.get("image_std", default["std"])) if normalise else (1.0, 1.0, 1.0))
 
 
 class PVMEncoder(nn.Module):
-    """A pre-trained ViT (DINOv2 or CLIP) as the world model's image encoder, in one of three modes:
+    """A pre-trained ViT (any family of FAMILIES) as the world model's image encoder, in one of four modes:
       frozen:  no parameter of the ViT trains; it runs under no_grad in eval mode.
       partial: only the last k blocks train (as [PVM]: blocks 8-11 of 12; the final layernorm stays frozen
                unless finetune_norm); the prefix (embeddings + first L-k blocks) runs under no_grad, so no
                activation of it is kept for backward.
-      full:    every ViT parameter trains.
+      full:    every ViT parameter the features depend on trains (not those loaded as fixed, as MAE's sin-cos
+               position embeddings, nor parts the features never reach, as DINOv2's mask token).
       lora:    (beyond the paper) every pre-trained weight stays as loaded; low-rank adapters W + (alpha/r) B A
                (Hu et al. 2021, via Hugging Face `peft`) on the chosen linear layers of the last k blocks (or all
                blocks) train instead. B starts at 0, so at step 0 the encoder is exactly the pre-trained one.
     Optionally (partial/full) the L2-SP penalty (Li et al. 2018) pulls the fine-tuned weights back towards the
     pre-trained ones, which are kept as buffers (`anchor`) so that a resumed run has them exactly.
-    Features ([PVM]): DINOv2 -> the final-norm patch tokens (no CLS); CLIP -> `pooler_output` (the
-    post-layernorm CLS token). Both then pass a learned projection to E, the CNN's embedding width, and end
-    in RMSNorm + SiLU, as [PVM]'s encoder output does. differs from paper, in the projection:
-      DINOv2: [PVM] flattens DINOv2-S's 256x384 tokens into a 98k-wide input of the posterior MLP; we project
-              each token to `token_dim` first (256 x 16 = 4k), then linearly to E: every patch's position is
-              kept (control needs *where*), at 4M instead of 100M parameters.
-      CLIP:   [PVM] normalises the 768-wide pooled output directly; we add a Linear(768 -> E) first, so that
-              every encoder hands the RSSM an equally wide embedding and an ablation changes only the encoder
-              (768 x E weights: 1.6M at the default E = 2048, trained with the world model).
+    Features ([PVM]'s rule, per family; `features` overrides): self-supervised models (DINOv2, MAE; and the
+    supervised ViT) -> the final-norm patch tokens (no CLS, no registers); contrastive ones -> the pooled output
+    (CLIP: the post-layernorm CLS token; SigLIP: its attention-pooling head). Both then pass a learned
+    projection to E, the CNN's embedding width, and end in RMSNorm + SiLU, as [PVM]'s encoder output does.
+    differs from paper, in the projection:
+      patches: [PVM] flattens DINOv2-S's 256x384 tokens into a 98k-wide input of the posterior MLP; we project
+               each token to `token_dim` first (256 x 16 = 4k), then linearly to E: every patch's position is
+               kept (control needs *where*), at 4M instead of 100M parameters.
+      pooled:  [PVM] normalises CLIP's 768-wide pooled output directly; we add a Linear(768 -> E) first, so that
+               every encoder hands the RSSM an equally wide embedding and an ablation changes only the encoder
+               (768 x E weights: 1.6M at the default E = 2048, trained with the world model).
     # ABLATION POINT: the features (patch tokens / pooled output) and their projection to E"""
 
     def __init__(self, backbone: nn.Module, pvm: str, mode: str, finetune_blocks: int, image_size: int,
                  out_dim: int, token_dim: int, finetune_norm: bool = False, lora: dict | None = None,
-                 l2sp: float = 0.0):
+                 l2sp: float = 0.0, features: str = "auto", preprocessing: dict | None = None):
         super().__init__()
         self.backbone, self.pvm, self.mode, self.k, self.image_size = backbone, pvm, mode, finetune_blocks, image_size
+        self.fam = fam = FAMILIES[pvm]
         cfg = backbone.config
         if image_size % cfg.patch_size:
             raise UsageError(f"--pvm-image-size {image_size} is not a multiple of the PVM's patch size "
                              f"{cfg.patch_size}; use e.g. {cfg.patch_size * (image_size // cfg.patch_size or 1)}")
+        self.features_kind = fam.features if features == "auto" else features
+        if self.features_kind == "pooled" and not fam.cls and not self.pool_head:
+            raise UsageError(f"this {pvm} model has no CLS token and no pooling head: use --pvm-features patches")
         depth = len(self.blocks)
         self.lora = dict(LORA_DEFAULTS, **(lora or {}))
         if mode == "lora" and self.lora["blocks"] == "all":
             self.k = finetune_blocks = depth
         if mode in ("partial", "lora") and not 1 <= finetune_blocks <= depth:
             raise UsageError(f"--finetune-blocks {finetune_blocks} must be in 1..{depth} (the PVM's depth)")
-        norm = PVM_NORM[pvm]
-        self.register_buffer("mean", torch.tensor(norm["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(norm["std"]).view(1, 3, 1, 1), persistent=False)
-        self.crop_ratio = norm["crop_ratio"]
+        self.prep = dict(preprocessing or fam.preprocessing)
+        self.register_buffer("mean", torch.tensor(self.prep["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.prep["std"]).view(1, 3, 1, 1), persistent=False)
+        self.crop_ratio = (self.prep["crop"] or self.prep["resize"]) / self.prep["resize"]
         width = cfg.hidden_size
-        self.skip = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS (+ DINOv2's registers) precede the patches
-        if pvm == "dinov2":
+        # CLS (+ DINOv2's registers) precede the patches
+        self.skip = int(fam.cls) + getattr(cfg, "num_register_tokens", 0)
+        if self.features_kind == "patches":
             patches = (image_size // cfg.patch_size) ** 2
             self.proj = nn.Sequential(nn.Linear(width, token_dim), nn.Flatten(-2), nn.Linear(patches * token_dim, out_dim))
         else:
@@ -558,12 +709,20 @@ class PVMEncoder(nn.Module):
         self.out = nn.Sequential(nn.RMSNorm(out_dim, eps=1e-4), nn.SiLU())
         self.out_dim = out_dim
         # ABLATION POINT: which ViT parameters train, the frozen / partial / full switch.
+        # "Used": what the features depend on. A parameter that loads frozen (MAE's fixed sin-cos position
+        # embeddings) stays frozen; one the features never reach (DINOv2's mask token, SigLIP's pooling head
+        # under patch features) never trains, so no mode lists it as trainable.
+        head = [self.final_norm, *([self.pool_head] if self.features_kind == "pooled" and self.pool_head else [])]
+        used = [self.vit.embeddings, *([self.vit.get_submodule(fam.pre_norm)] if fam.pre_norm else []),
+                self.blocks, *head]
+        used_ids = {id(p) for m in used for n, p in m.named_parameters() if "mask_token" not in n}
+        trainable = {id(p) for p in backbone.parameters() if p.requires_grad and id(p) in used_ids}
         for p in backbone.parameters():
-            p.requires_grad_(mode == "full")
+            p.requires_grad_(mode == "full" and id(p) in trainable)
         if mode == "partial":
-            for m in [*self.blocks[depth - finetune_blocks:], *([self.final_norm] if finetune_norm else [])]:
+            for m in [*self.blocks[depth - finetune_blocks:], *(head if finetune_norm else [])]:
                 for p in m.parameters():
-                    p.requires_grad_(True)
+                    p.requires_grad_(id(p) in trainable)
         self.lora_targets, self.lora_dropouts = [], []  # filled by _add_adapters
         if mode == "lora":
             self._add_adapters(self.blocks[depth - finetune_blocks:])
@@ -613,14 +772,22 @@ class PVMEncoder(nn.Module):
         sq = sum((params[n] - getattr(self.anchor, n.replace(".", "__"))).pow(2).sum() for n in self.l2sp_names)
         return 0.5 * self.l2sp * sq
 
-    # Named views of the two architectures' parts (properties, so nothing is registered twice).
+    # Named views of the family's parts (properties, so nothing is registered twice).
+    @property
+    def vit(self) -> nn.Module:
+        return self.backbone.get_submodule(self.fam.root) if self.fam.root else self.backbone
+
     @property
     def blocks(self):
-        return self.backbone.encoder.layer if self.pvm == "dinov2" else self.backbone.vision_model.encoder.layers
+        return self.vit.get_submodule(self.fam.blocks)
 
     @property
     def final_norm(self):
-        return self.backbone.layernorm if self.pvm == "dinov2" else self.backbone.vision_model.post_layernorm
+        return self.vit.get_submodule(self.fam.final_norm)
+
+    @property
+    def pool_head(self):
+        return getattr(self.vit, self.fam.pool_head, None) if self.fam.pool_head else None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -630,18 +797,29 @@ class PVMEncoder(nn.Module):
         return self
 
     def preprocess(self, obs: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, h, w, 3) -> the PVM's normalised input (N, 3, R, R): bicubic resize (to R / crop_ratio),
-        centre crop R, then the model's mean/std. Same maths as its Hugging Face image processor."""
+        """uint8 (N, h, w, 3) -> the PVM's normalised input (N, 3, R, R): resize (to R / crop_ratio, with the
+        model's resampling), centre crop R, then the model's mean/std. Its image processor's maths, at side R."""
         x = obs.permute(0, 3, 1, 2).float() / 255.0
         resized = round(self.image_size / self.crop_ratio)
-        x = F.interpolate(x, size=(resized, resized), mode="bicubic", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=(resized, resized), mode=self.prep["resample"], align_corners=False, antialias=True)
         off = (resized - self.image_size) // 2
         x = x[:, :, off:off + self.image_size, off:off + self.image_size].clamp(0, 1)
         return (x - self.mean) / self.std
 
+    def _model_kw(self, n: int, device) -> dict:
+        """The keyword arguments the family's embeddings (and its model's forward) need at our image size."""
+        cfg, kw = self.backbone.config, {}
+        if "interpolate_pos_encoding" in self.fam.embed_kw:
+            kw["interpolate_pos_encoding"] = self.image_size != cfg.image_size
+        if "noise" in self.fam.embed_kw:  # MAE: ascending noise = identity shuffle, so no patch moves or drops
+            patches = (self.image_size // cfg.patch_size) ** 2
+            kw["noise"] = torch.arange(patches, device=device, dtype=torch.float32).expand(n, patches)
+        return kw
+
     def _run(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        masks = (None,) * self.fam.block_masks
         for blk in blocks:
-            out = blk(x) if self.pvm == "dinov2" else blk(x, None, None)
+            out = blk(x, *masks)
             x = out[0] if isinstance(out, tuple) else out  # older transformers return (hidden, ...) tuples
         return x
 
@@ -650,57 +828,65 @@ class PVMEncoder(nn.Module):
         return {"frozen": 0, "partial": self.k, "lora": self.k, "full": len(self.blocks)}[self.mode]
 
     def prefix(self, obs: torch.Tensor) -> torch.Tensor:
-        """The part of the ViT that does not train, uint8 (N, h, w, 3) -> hidden tokens (N, 1+P, W) after the
+        """The part of the ViT that does not train, uint8 (N, h, w, 3) -> hidden tokens (N, skip+P, W) after the
         first L-k blocks (partial), or the final features (frozen, see `suffix`). Full mode has no frozen part:
         this is then just the (trained) embeddings."""
         x = self.preprocess(obs)  # (N, 3, R, R)
         depth, k = len(self.blocks), self.trained_blocks
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "full"):
-            if self.pvm == "dinov2":
-                h = self.backbone.embeddings(x)
-            else:
-                vm = self.backbone.vision_model
-                h = vm.pre_layrnorm(vm.embeddings(x, interpolate_pos_encoding=self.image_size != vm.config.image_size))
-            h = self._run(h, self.blocks[:depth - k])  # (N, 1+P, W)
+            h = self.vit.embeddings(x, **self._model_kw(len(x), x.device))
+            h = h[0] if isinstance(h, tuple) else h  # MAE: (tokens, mask, ids_restore)
+            if self.fam.pre_norm:
+                h = self.vit.get_submodule(self.fam.pre_norm)(h)
+            h = self._run(h, self.blocks[:depth - k])  # (N, skip+P, W)
             return self._head(h) if k == 0 else h
 
     def suffix(self, h: torch.Tensor) -> torch.Tensor:
-        """The trained part: the last k blocks, then the final norm; identity when frozen."""
+        """The trained part: the last k blocks, then the final norm (and pooling); identity when frozen."""
         k = self.trained_blocks
         if k == 0:
             return h
         return self._head(self._run(h, self.blocks[len(self.blocks) - k:]))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        if self.pvm == "dinov2":
-            return self.final_norm(h)[:, self.skip:]  # (N, P, W)
-        return self.final_norm(h[:, 0])  # (N, W)
+        h = self.final_norm(h)
+        if self.features_kind == "patches":
+            return h[:, self.skip:]  # (N, P, W)
+        return self.pool_head(h) if self.pool_head is not None else h[:, 0]  # (N, W)
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, h, w, 3) -> DINOv2 patch tokens (N, P, W) or CLIP pooled output (N, W)."""
+        """uint8 (N, h, w, 3) -> patch tokens (N, P, W) or the pooled output (N, W)."""
         return self.suffix(self.prefix(obs))
 
     @torch.no_grad()
     def cls_attention(self, obs: torch.Tensor) -> torch.Tensor:
         """uint8 (N, h, w, 3) -> the last block's CLS -> patch attention per head (N, heads, g, g), on the input
-        as the agent prepares it (probe.py's segmentation probe). sdpa never materialises the attention
-        matrix, so the backbone runs with eager attention here and gets its own back after."""
+        as the agent prepares it (probe.py's segmentation probe); for SigLIP, which has no CLS, its pooling
+        head's query -> patch attention. sdpa never materialises the attention matrix, so the backbone runs with
+        eager attention here and gets its own back after."""
         cfg, attn = self.backbone.config, self.backbone.config._attn_implementation
-        kw = {} if self.pvm == "dinov2" else dict(interpolate_pos_encoding=self.image_size != cfg.image_size)
+        x, g = self.preprocess(obs), self.image_size // cfg.patch_size
+        if not self.fam.cls:
+            if self.pool_head is None:
+                raise UsageError(f"this {self.pvm} model has neither a CLS token nor a pooling head to probe")
+            h = self.final_norm(self._run(self.vit.embeddings(x, **self._model_kw(len(x), x.device)), self.blocks))
+            head = self.pool_head
+            _, att = head.attention(head.probe.expand(len(x), -1, -1), h, h, need_weights=True,
+                                    average_attn_weights=False)  # (N, heads, 1, P)
+            return att[:, :, 0].reshape(len(obs), -1, g, g)
         self.backbone.set_attn_implementation("eager")
         try:
-            att = self.backbone(pixel_values=self.preprocess(obs), output_attentions=True, **kw).attentions[-1]
+            att = self.backbone(pixel_values=x, output_attentions=True, **self._model_kw(len(x), x.device))
         finally:
             self.backbone.set_attn_implementation(attn)
-        g = self.image_size // cfg.patch_size
-        return att[:, :, 0, self.skip:].reshape(len(obs), -1, g, g)  # (N, heads, g, g)
+        return att.attentions[-1][:, :, 0, self.skip:].reshape(len(obs), -1, g, g)  # (N, heads, g, g)
 
     def prefix_shape(self) -> tuple[int, ...]:
         """Per-frame shape of `prefix`'s output: what the feature cache stores."""
         cfg, width = self.backbone.config, self.backbone.config.hidden_size
         patches = (self.image_size // cfg.patch_size) ** 2
         if self.trained_blocks == 0:
-            return (patches, width) if self.pvm == "dinov2" else (width,)
+            return (patches, width) if self.features_kind == "patches" else (width,)
         return (self.skip + patches, width)
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:  # (N, P, W) | (N, W) -> (N, E)
@@ -720,11 +906,13 @@ def make_encoder(args: Args) -> nn.Module:
     depth = SIZES[args.size]["depth"]
     if args.pvm == "none":
         return CNNEncoder(args.image_size, depth)
-    backbone = load_pvm(args.pvm, pvm_source(args.pvm, args.pvm_id), args.pvm_random_init)
+    src = pvm_source(args.pvm, args.pvm_id)
+    backbone = load_pvm(args.pvm, src, args.pvm_random_init)
     # E equals the CNN's output width at this size, so both encoders feed the posterior equally wide inputs.
     lora = {k: getattr(args, f"lora_{k}") for k in LORA_DEFAULTS}
     return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size,
-                      cnn_embed_dim(args.image_size, depth), args.pvm_token_dim, args.finetune_norm, lora, args.l2sp)
+                      cnn_embed_dim(args.image_size, depth), args.pvm_token_dim, args.finetune_norm, lora, args.l2sp,
+                      args.pvm_features, pvm_preprocessing(args.pvm, args.pvm_id, args.pvm_random_init))
 
 
 def feature_cache_shape(encoder: nn.Module, args: Args) -> tuple | None:
