@@ -32,6 +32,7 @@ import runtime
 NM512 = dict(deter=256, hidden=512, stoch=32, classes=32, depth=32, units=512, blocks=1)
 NM512_MEASURED = "8.2 s / 4.8 GB"  # NM512 dreamerv3-torch, one update at this configuration, measured earlier on this CPU
 ENCODERS = [pd.encoder_label(p, m) for p in pd.PVMS for m in pd.MODES if p != "none" or m == "full"]  # cnn first
+PAPER_ENCODERS = [e for e in ENCODERS if e.split("-")[0] in ("cnn", "dinov2", "clip")]  # the default table
 
 
 def run_row(spec: dict) -> dict:
@@ -104,7 +105,7 @@ def make_specs(o) -> list[dict]:
         if enc not in ENCODERS:
             runtime.fail(f"--only {enc!r} is not one of {','.join(ENCODERS)}; fix the list")
         pvm, mode = ("none", "full") if enc == "cnn" else enc.split("-")
-        patch = 14 if pvm == "dinov2" else 32  # each size is rounded down to a multiple of the PVM's patch
+        patch = pd.PVM_ARCHS[pd.pvm_source(pvm)].get("patch_size", 14)  # sizes round down to its patch (DINOv2: 14)
         for res in ([None] if pvm == "none" else [32] if quick else [int(r) // patch * patch for r in o.pvm_sizes.split(",")]):
             for cache in ([True, False] if mode != "full" and pvm != "none" else [True]):
                 a = dict(base, pvm=pvm, mode=mode, replay_size=replay, feature_cache=cache,
@@ -135,7 +136,8 @@ def table_row(s: dict, r: dict, cnn: dict | None, cuda: bool) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny random models at 32x32, 1+2 iterations: a smoke test")
-    p.add_argument("--only", default=",".join(ENCODERS), help=f"comma list of rows from {','.join(ENCODERS)}")
+    p.add_argument("--only", default=",".join(PAPER_ENCODERS),
+                   help=f"comma list of rows from {','.join(ENCODERS)} (default: the paper's encoders)")
     p.add_argument("--pvm-sizes", default="224,112", help="comma list of --pvm-image-size values to time "
                    "(rounded down to the patch size: CLIP-B/32 at 112 runs at 96)")
     p.add_argument("--device", default="cpu", help="torch device: cpu | cuda | cuda:N | auto")

@@ -168,9 +168,10 @@ def build_encoder(a) -> tuple[pd.PVMEncoder, str, bool]:
         a.env, a.image_size = args.env, args.image_size
         return agent.wm.encoder, args.pvm, args.pvm_random_init
     if not a.pvm:
-        raise UsageError("pass --pvm dinov2|clip, or --checkpoint RUN_DIR")
+        raise UsageError(f"pass --pvm {'|'.join(pd.FAMILIES)}, or --checkpoint RUN_DIR")
     backbone = pd.load_pvm(a.pvm, pd.pvm_source(a.pvm, a.pvm_id), a.pvm_random_init)
-    enc = pd.PVMEncoder(backbone, a.pvm, "frozen", 1, a.pvm_image_size, out_dim=8, token_dim=1)
+    enc = pd.PVMEncoder(backbone, a.pvm, "frozen", 1, a.pvm_image_size, out_dim=8, token_dim=1,
+                        preprocessing=pd.pvm_preprocessing(a.pvm, a.pvm_id, a.pvm_random_init))
     return enc.to(runtime.resolve_device(a.device)), a.pvm, a.pvm_random_init
 
 
@@ -213,7 +214,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="probe.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--pvm", choices=[p for p in pd.PVMS if p != "none"], default="",
                    help="the PVM (implied by --checkpoint)")
-    p.add_argument("--pvm-id", default="", help="Hugging Face id or local dir (default: the paper's model)")
+    p.add_argument("--pvm-id", default="", help="Hugging Face id or local dir (default: the family's, see pvm_dreamer.FAMILIES)")
     p.add_argument("--pvm-random-init", action="store_true", help="RANDOM weights of the architecture (tests)")
     p.add_argument("--checkpoint", default="", help="a run dir or checkpoint: probe the agent's own backbone")
     p.add_argument("--env", default="pusher", choices=envs.ENV_NAMES)

@@ -101,7 +101,8 @@ def main(argv=None):
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="flags after `--` are passed to every pvm_dreamer.py run")
-    p.add_argument("--pvm", default=",".join(pd.PVMS), help="comma list of " + " | ".join(pd.PVMS))
+    p.add_argument("--pvm", default="none,dinov2,clip", help="comma list of " + " | ".join(pd.PVMS)
+                   + " (default: the paper's three encoders)")
     p.add_argument("--mode", default=",".join(pd.MODES), help="comma list of " + " | ".join(pd.MODES) + " (PVMs only)")
     p.add_argument("--env", default="pusher", help="comma list of environments (see envs.py)")
     p.add_argument("--seeds", default="1,2,3", help="comma list of seeds")
