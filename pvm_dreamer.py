@@ -1,9 +1,9 @@
 """pvm-dreamer: DreamerV3 from pixels, with a from-scratch CNN or a pre-trained vision model (PVM) as its eyes.
 
 One file, read top to bottom, in the order data flows:
-  Args -> math (symlog, two-hot, lambda-returns, return normaliser) -> replay -> encoders (CNN | DINOv2 | CLIP,
-  frozen / partial / full) -> world model (RSSM, decoder, reward and continue heads) -> actor-critic in
-  imagination -> one training step -> acting and evaluation -> what a checkpoint holds -> main loop.
+  Args -> math (symlog, two-hot, lambda-returns, return normaliser) -> replay -> encoders (CNN | a ViT family:
+  DINOv2, CLIP, SigLIP, ViT, MAE; frozen / partial / full / lora) -> world model (RSSM, decoder, reward and
+  continue heads) -> actor-critic in imagination -> one training step -> acting and evaluation -> what a checkpoint holds -> main loop.
 It imports its companions envs.py (pixel envs) and runtime.py (checkpoint files, run lock, logging, signals,
 one-line CLI errors); the scripts (evaluate.py, probe.py, bench.py, sweep.py) import it, never the reverse.
 
@@ -534,7 +534,7 @@ PVM_ARCHS = {
     "facebook/dinov2-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=518),
     "facebook/dinov2-with-registers-small": dict(model_type="dinov2_with_registers", hidden_size=384,
                                                  num_hidden_layers=12, num_attention_heads=6, image_size=518,
-                                                 num_register_tokens=4),
+                                                 patch_size=14, num_register_tokens=4),  # (its config's default: 16)
     "openai/clip-vit-base-patch32": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                          num_attention_heads=12, patch_size=32),
     "openai/clip-vit-base-patch16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
