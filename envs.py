@@ -1,7 +1,8 @@
 """Pixel environments for pvm-dreamer: every task returns uint8 HxWx3 frames and takes actions in [-1, 1].
 
   make_env("pusher")             MuJoCo Pusher-v5: a 7-DoF arm pushes a white puck onto a red goal (the default)
-  make_env("reacher")            MuJoCo Reacher-v5: a 2-link arm touches a red target (the quick one)
+  make_env("reacher")            MuJoCo Reacher-v5: a 2-link arm touches a red target (the quick one; the target
+                                 is drawn larger, see REACHER_TARGET_RADIUS)
   make_env("metadrive")          MetaDrive, forward RGB camera (the paper's driving task; needs MetaDrive's assets)
   make_env("metadrive-topdown")  MetaDrive, bird's-eye view drawn with pygame (needs no assets, fast on a CPU)
   make_env("pointmass")          a dot steered to a goal, drawn with numpy: learnable in minutes on a CPU (the
@@ -39,6 +40,12 @@ ENV_NAMES = ("pusher", "reacher", "metadrive", "metadrive-topdown", "pointmass")
 IMAGE_SIZE_RANGE = (16, 512)  # what the renderers handle; the agent's encoders restrict this further
 
 MUJOCO_TASKS = {"pusher": "Pusher-v5", "reacher": "Reacher-v5"}
+MUJOCO_TASK_OF = {"PusherEnv": "pusher", "ReacherEnv": "reacher"}  # gymnasium's env classes -> our names
+# Reacher's target, drawn larger for a pixel agent (radius 0.009 m in Reacher-v5: ~1 pixel at 64x64). Visual only:
+# the target geom has no contacts (contype = conaffinity = 0) and its body's mass was fixed when the model compiled,
+# so dynamics and reward (the distance to the target's centre) are Reacher-v5's. DreamerV3's DMC reacher (easy)
+# has a 0.05 m target; 0.025 m here is ~7 pixels across at 64x64 (the camera sees 0.46 m).
+REACHER_TARGET_RADIUS = 0.025
 # MuJoCo free-camera poses, tuned by eye on 64x64 frames so the task-relevant objects are large.
 # azimuth/elevation in degrees, distance in metres from `lookat` (world coordinates).
 CAMERAS = {
@@ -203,6 +210,9 @@ def _make_mujoco(name: str, image_size: int, seed: int, **kwargs):
     # then go off in the scene flags. 4x MSAA stays (another 2.5x): without it Reacher's 9 mm target is one pixel.
     quality = inner.unwrapped.model.vis.quality
     quality.shadowsize, quality.numslices, quality.numstacks = 0, 12, 12
+    if name == "reacher":
+        model, gid = inner.unwrapped.model, mujoco.mj_name2id(inner.unwrapped.model, mujoco.mjtObj.mjOBJ_GEOM, "target")
+        model.geom_size[gid, 0] = model.geom_rbound[gid] = REACHER_TARGET_RADIUS  # see REACHER_TARGET_RADIUS
     inner.reset(seed=seed)
     inner.render()  # creates the offscreen viewer now (it is otherwise made lazily) so its scene flags can be set
     flags = inner.unwrapped.mujoco_renderer.viewer.scn.flags
@@ -222,6 +232,24 @@ def _close_mujoco(inner: gym.Env) -> None:
     inner.close()
     renderer._viewers.clear()
     renderer.viewer = None
+
+
+def goal_distances(env: gym.Env) -> dict | None:
+    """Where the task's object is relative to its goal, in metres, for the check that separates seeing from
+    guessing (evaluate_episodes reads it at reset and at the episode's end); None for tasks without one.
+      reacher: dist = fingertip-target distance; blind = the target's distance from the arena centre, the best a
+               target-blind policy does on average (park the fingertip at the centre: 0.01 m from it is reachable).
+      pusher:  dist = puck-goal distance; blind = the same, read at reset: a policy that never finds the puck
+               leaves it there. (The goal is fixed, so a blind policy knows it; only the puck must be seen.)"""
+    name = MUJOCO_TASK_OF.get(type(env.unwrapped).__name__)
+    if name is None:
+        return None
+    body = env.unwrapped.data.body
+    if name == "reacher":
+        target = body("target").xpos[:2]
+        return dict(dist=float(np.linalg.norm(body("fingertip").xpos[:2] - target)), blind=float(np.linalg.norm(target)))
+    d = float(np.linalg.norm(body("object").xpos[:2] - body("goal").xpos[:2]))
+    return dict(dist=d, blind=d)
 
 
 def set_camera(env: gym.Env, **cam) -> None:

@@ -31,7 +31,7 @@ import shifts
 from runtime import UsageError
 
 CSV_COLUMNS = ("env", "pvm", "mode", "seed", "step", "policy", "shift", "severity", "mean", "std", "episodes",
-               "returns")
+               "returns", "final_dist_mean", "blind_dist_mean")
 SEVERITY_ORDER = shifts.SEVERITIES + tuple(shifts.WEATHERS)  # x-axis / column order
 
 
@@ -88,14 +88,17 @@ def parse_conditions(env: str, shift_arg: str, severity_arg: str) -> list[tuple[
     return [(shift, sev) for shift in names for sev in sevs]
 
 
-def run_condition(agent, args: pd.Args, shift: str, severity: str, episodes: int, video: str) -> np.ndarray:
+def run_condition(agent, args: pd.Args, shift: str, severity: str, episodes: int, video: str,
+                  zero_action: bool = False) -> dict:
+    """pd.evaluate_episodes on a fresh env of this condition: {returns, and final_dist / blind_dist where the
+    task has them}."""
     try:
         env = shifts.make_shifted_env(args.env, shift, severity, image_size=args.image_size, seed=pd.EVAL_SEED,
                                       action_repeat=args.action_repeat)
     except (ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
     try:
-        return pd.evaluate(agent, env, episodes, video)
+        return pd.evaluate_episodes(agent, env, episodes, video, zero_action=zero_action)
     finally:
         env.close()  # MetaDrive allows one env per process
 
@@ -117,13 +120,23 @@ def evaluate_run(run: str | Path, episodes: int = 10, shift_arg: str = "all", se
     meta = dict(env=args.env, pvm=args.pvm, mode="scratch" if args.pvm == "none" else args.mode, seed=args.seed,
                 step=step)
     rows = []
-    for policy, shift, sev in [("random", "none", "none")] + [("agent", *c) for c in conditions]:
+    # The zero-action policy (reacher, pusher): with the random one, the floor a seeing agent must clear.
+    baselines = [("random", "none", "none")] + ([("zero", "none", "none")] if args.env in envs.MUJOCO_TASKS else [])
+    for policy, shift, sev in baselines + [("agent", *c) for c in conditions]:
         film = capture_video and policy == "agent" and (shift == "none" or f"{shift}:{sev}" == video_shift)
         video = str(run_dir / "videos" / f"shift_eval_{shift}_{sev}.mp4") if film else ""
-        rets = run_condition(agent if policy == "agent" else None, args, shift, sev, episodes, video)
-        rows.append(dict(meta, policy=policy, shift=shift, severity=sev, mean=float(rets.mean()),
-                         std=float(rets.std()), episodes=len(rets), returns=rets.tolist()))
-        print(f"{policy:6s} {shift:12s} {sev:8s} return {rets.mean():9.2f} +- {rets.std():.2f}")
+        out = run_condition(agent if policy == "agent" else None, args, shift, sev, episodes, video,
+                            zero_action=policy == "zero")
+        rets = out["returns"]
+        row = dict(meta, policy=policy, shift=shift, severity=sev, mean=float(rets.mean()),
+                   std=float(rets.std()), episodes=len(rets), returns=rets.tolist())
+        line = f"{policy:6s} {shift:12s} {sev:8s} return {rets.mean():9.2f} +- {rets.std():.2f}"
+        if "final_dist" in out:
+            row.update(final_dist_mean=float(out["final_dist"].mean()), final_dists=out["final_dist"].tolist(),
+                       blind_dist_mean=float(out["blind_dist"].mean()), blind_dists=out["blind_dist"].tolist())
+            line += f"   final distance {out['final_dist'].mean():.3f} m (blind bound {out['blind_dist'].mean():.3f})"
+        rows.append(row)
+        print(line)
     write_results(run_dir, rows, ckpt)
     return rows
 
@@ -132,12 +145,36 @@ def write_results(run_dir: Path, rows: list[dict], ckpt: Path):
     (run_dir / "shift_eval.json").write_text(json.dumps(dict(checkpoint=str(ckpt), eval_seed=pd.EVAL_SEED, rows=rows),
                                                         indent=1))
     with open(run_dir / "shift_eval.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_COLUMNS)
+        w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows({**r, "returns": " ".join(f"{x:.4g}" for x in r["returns"])} for r in rows)
-    md = markdown_table(aggregate(rows))
+    md = markdown_table(aggregate(rows)) + distance_table(rows)
     (run_dir / "shift_eval.md").write_text(md)
     print(md)
+
+
+def distance_table(rows: list[dict]) -> str:
+    """Seeing vs guessing, for one run on reacher / pusher: the final object-goal distance (mean +- SE over the
+    episodes, on the same starts) of the agent in distribution, the zero-action and the random policy, beside the
+    blind bound (envs.goal_distances). An agent that looks is clearly below the blind bound; one that learned a
+    target-blind habit sits at it. Empty for tasks without distances."""
+    have = {r["policy"]: r for r in rows if "final_dists" in r and r["shift"] == "none"}
+    if "agent" not in have:
+        return ""
+    def fmt_se(values):
+        m, se = mean_se(values)
+        return f"{m:.3f} ± {se:.3f}" if se is not None else f"{m:.3f}"
+
+    agent = have["agent"]
+    lines = ["", f"Final distance to the goal, m ({agent['episodes']} episodes, same starts; mean ± SE):", "",
+             "| agent | blind bound | zero action | random | agent − blind (SE) |", "|---|---|---|---|---|"]
+    diff = np.asarray(agent["final_dists"]) - np.asarray(agent["blind_dists"])  # paired: the same starts
+    m, se = mean_se(diff)
+    margin = f"{m:+.3f} ({m / se:+.1f} SE)" if se else f"{m:+.3f}"
+    lines.append(f"| {fmt_se(agent['final_dists'])} | {fmt_se(agent['blind_dists'])} | "
+                 f"{fmt_se(have['zero']['final_dists']) if 'zero' in have else '-'} | "
+                 f"{fmt_se(have['random']['final_dists']) if 'random' in have else '-'} | {margin} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -150,6 +187,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
     averages each seed over all its shifts at one severity (the plot's curve)."""
     runs = {}  # (env, encoder, seed) -> {(shift, severity): return}
     for r in rows:
+        if r["policy"] == "zero":  # a distance baseline (distance_table), not part of the drop metric
+            continue
         key = (r["env"], pd.encoder_label(r["pvm"], r["mode"]), r["seed"])
         cond = ("random", "none") if r["policy"] == "random" else (r["shift"], r["severity"])
         if cond in runs.setdefault(key, {}):

@@ -1331,14 +1331,23 @@ EVAL_SEED = 20_000  # evaluation episode i starts from reset(seed=EVAL_SEED + i)
 
 def evaluate(agent: Dreamer | None, env, episodes: int, video_path: str = "", stop=None,
              on_episode=None) -> np.ndarray | None:
-    """Returns of `episodes` episodes with the policy's mean action (agent=None: uniform random actions, the
-    baseline of the drop metric). Episode i is reset with EVAL_SEED + i, and the random streams that acting
-    draws from (torch's, for the latent samples, and the action space's) are seeded with EVAL_SEED inside and
-    restored after: a result does not depend on when it was measured, and a training run's streams are untouched.
-    reset(seed=...) reseeds the env's own generator, so pass an env that is not collecting training data.
-    stop(): checked every step; when it says True the evaluation is abandoned and None returned (a training run
-    that is being stopped). on_episode(i): called as episode i starts (a progress display)."""
-    returns, frames = [], []
+    """Returns of `episodes` evaluation episodes (see evaluate_episodes), or None if stop() ended them."""
+    out = evaluate_episodes(agent, env, episodes, video_path, stop, on_episode)
+    return None if out is None else out["returns"]
+
+
+def evaluate_episodes(agent: Dreamer | None, env, episodes: int, video_path: str = "", stop=None,
+                      on_episode=None, zero_action: bool = False) -> dict | None:
+    """`episodes` episodes with the policy's mean action (agent=None: uniform random actions, the baseline of the
+    drop metric; with zero_action, the all-zero action instead) -> {returns: (episodes,)}, plus, on tasks that
+    have them (envs.goal_distances: reacher, pusher), final_dist (the distance left at the episode's end) and
+    blind_dist (the blind bound of that start, measured at reset). Episode i is reset with EVAL_SEED + i, and the
+    random streams that acting draws from (torch's, for the latent samples, and the action space's) are seeded
+    with EVAL_SEED inside and restored after: a result does not depend on when it was measured, and a training
+    run's streams are untouched. reset(seed=...) reseeds the env's own generator, so pass an env that is not
+    collecting training data. stop(): checked every step; when it says True the evaluation is abandoned and None
+    returned (a training run that is being stopped). on_episode(i): called as episode i starts (a progress display)."""
+    returns, frames, final, blind = [], [], [], []
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(EVAL_SEED)
         env.action_space.seed(EVAL_SEED)
@@ -1346,6 +1355,9 @@ def evaluate(agent: Dreamer | None, env, episodes: int, video_path: str = "", st
             if on_episode is not None:
                 on_episode(ep)
             obs, _ = env.reset(seed=EVAL_SEED + ep)
+            dist = envs.goal_distances(env)
+            if dist is not None:
+                blind.append(dist["blind"])
             state = initial_state(agent) if agent is not None else None
             done, is_first, total = False, True, 0.0
             while not done:
@@ -1354,18 +1366,23 @@ def evaluate(agent: Dreamer | None, env, episodes: int, video_path: str = "", st
                 if video_path and ep == 0:
                     frames.append(obs)
                 if agent is None:
-                    action = env.action_space.sample()
+                    action = np.zeros(env.action_space.shape, np.float32) if zero_action else env.action_space.sample()
                 else:
                     action, state = act(agent, obs, state, is_first, explore=False)
                 obs, reward, terminated, truncated, _ = env.step(action)
                 total, is_first, done = total + float(reward), False, terminated or truncated
             returns.append(total)
+            if dist is not None:
+                final.append(envs.goal_distances(env)["dist"])
     if frames:
         import imageio
 
         Path(video_path).parent.mkdir(parents=True, exist_ok=True)
         imageio.mimsave(video_path, frames, fps=20, macro_block_size=1)
-    return np.array(returns)
+    out = dict(returns=np.array(returns))
+    if final:
+        out.update(final_dist=np.array(final), blind_dist=np.array(blind))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1624,12 +1641,16 @@ def eval_row(agent: Dreamer | None, env, eval_env, args: Args, run_dir: Path, st
     one engine per process) the training episodes still do not depend on --eval-every."""
     saved = envs.rng_state(env)
     video = str(eval_video(run_dir, step)) if args.capture_video and agent is not None else ""
-    rets = evaluate(agent, eval_env, args.eval_episodes, video, stop, on_episode)
+    out = evaluate_episodes(agent, eval_env, args.eval_episodes, video, stop, on_episode)
     envs.set_rng_state(env, saved)
-    if rets is None:
+    if out is None:
         return None
-    key = "eval/return" if agent is not None else "eval/random_return"
-    return {f"{key}_mean": float(rets.mean()), f"{key}_std": float(rets.std())}
+    who = "" if agent is not None else "random_"
+    row = {f"eval/{who}return_mean": float(out["returns"].mean()), f"eval/{who}return_std": float(out["returns"].std())}
+    if "final_dist" in out:  # seeing vs guessing (reacher, pusher): the distance left, beside the blind bound
+        row[f"eval/{who}final_dist_mean"] = float(out["final_dist"].mean())
+        row["eval/blind_dist_mean"] = float(out["blind_dist"].mean())
+    return row
 
 
 def train(args: Args) -> dict:

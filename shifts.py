@@ -310,13 +310,13 @@ class ShiftWrapper(gym.Wrapper):
         self.task.set_state(qpos, data.qvel.copy())  # set_state runs mj_forward: the frame shows the new state
 
     def _layout_distractors(self):
-        """Positions in the visible workspace, skipping candidates within 0.12 m (Reacher: 0.03 m) of the task's
+        """Positions in the visible workspace, skipping candidates within 0.12 m (Reacher: 0.06 m) of the task's
         object and goal, so no rung starts with a target hidden (they may still drift over it later)."""
         ep, d = self.ep, self.task.data
         if self.env_name == "pusher":  # world x/y of the table area the camera sees; shapes rest on the table
             lo, hi, clear, keep = np.array([0.05, -0.45]), np.array([0.8, 0.3]), 0.12, ("object", "goal")
         else:  # the floor patch in view, around the arm
-            lo, hi, clear, keep = np.array([-0.21, -0.21]), np.array([0.21, 0.21]), 0.03, ("target",)
+            lo, hi, clear, keep = np.array([-0.21, -0.21]), np.array([0.21, 0.21]), 0.06, ("target",)
         xy = lo + (hi - lo) * ep["xy"]
         ok = np.all([np.linalg.norm(xy - d.body(b).xpos[:2], axis=1) > clear for b in keep], axis=0)
         order = np.concatenate([np.flatnonzero(ok), np.flatnonzero(~ok)])[:N_DISTRACTORS]
@@ -325,7 +325,7 @@ class ShiftWrapper(gym.Wrapper):
     def _add_distractors(self):
         mj, ep, viewer = self.mj, self.ep, self.task.mujoco_renderer.viewer
         pusher = self.env_name == "pusher"
-        base = 0.055 if pusher else 0.014  # typical half-size: the puck is 0.05, Reacher's target 0.009
+        base = 0.055 if pusher else envs.REACHER_TARGET_RADIUS  # typical half-size: about the puck's / target's
         z0 = -0.325 if pusher else 0.0  # resting on the table / floor
         amplitude = 0.1 if pusher else 0.03  # metres of drift
         for i in ep["use"]:

@@ -131,6 +131,65 @@ def test_sequential_mujoco_envs_still_render():
     third.close()
 
 
+def set_qpos(env, idx, values):
+    u = env.unwrapped
+    qpos = u.data.qpos.copy()
+    qpos[idx] = values
+    u.set_state(qpos, np.zeros_like(u.data.qvel))  # runs mj_forward: body positions follow
+
+
+def test_goal_distances_on_constructed_positions():
+    """reacher: fingertip-target distance and the target's distance from the arena centre (the blind bound);
+    pusher: puck-goal distance (its blind bound, read at reset, is the same: a puck left in place)."""
+    env = envs.make_env("reacher", 32)
+    env.reset(seed=0)
+    set_qpos(env, slice(None), [0.0, 0.0, 0.1, 0.05])  # arm straight along +x: fingertip at (0.21, 0)
+    d = envs.goal_distances(env)
+    assert d["blind"] == pytest.approx(np.hypot(0.1, 0.05), abs=1e-6)
+    assert d["dist"] == pytest.approx(np.hypot(0.21 - 0.1, 0.05), abs=1e-3)
+    set_qpos(env, slice(None), [np.pi / 2, 0.0, 0.0, 0.21])  # straight along +y, onto the target
+    assert envs.goal_distances(env)["dist"] == pytest.approx(0.0, abs=1e-3)
+    env.close()
+    env = envs.make_env("pusher", 32)
+    env.reset(seed=0)
+    set_qpos(env, slice(-4, None), [-0.2, 0.1, 0.0, 0.0])  # puck offset (-0.2, 0.1) from the goal
+    d = envs.goal_distances(env)
+    assert d["dist"] == d["blind"] == pytest.approx(np.hypot(0.2, 0.1), abs=1e-6)
+    env.close()
+    assert envs.goal_distances(envs.make_env("pointmass", 32)) is None
+
+
+def test_reacher_target_is_drawn_large_and_changes_nothing_else():
+    """The target marker is ~7 pixels wide at 64x64 (moving it changes far more pixels than Reacher-v5's 9 mm
+    sphere would), and the dynamics and reward are Reacher-v5's: the same actions from the same start give the
+    same states and rewards as the unmodified task."""
+    import mujoco
+
+    env = envs.make_env("reacher", 64, action_repeat=1)
+    env.reset(seed=0)
+    model = env.unwrapped.model
+    gid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_GEOM, "target")
+    assert model.geom_size[gid, 0] == envs.REACHER_TARGET_RADIUS and model.geom_contype[gid] == 0
+    set_qpos(env, slice(None), [np.pi, 0.0, 0.12, 0.12])  # the arm points away from both target positions
+    a = env.unwrapped.render().astype(int)
+    set_qpos(env, slice(None), [np.pi, 0.0, 0.12, -0.12])
+    b = env.unwrapped.render().astype(int)
+    changed = (np.abs(a - b).sum(-1) > 60).sum()
+    assert changed >= 2 * 25, changed  # two ~7-pixel discs (one appears, one disappears)
+    plain = gym.make("Reacher-v5")
+    obs_plain, _ = plain.reset(seed=3)
+    env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        a = rng.uniform(-1, 1, 2)
+        obs_plain, r_plain, *_ = plain.step(a.astype(np.float32))
+        _, r, *_ = env.step(a)
+        assert r == pytest.approx(float(r_plain), abs=1e-9)
+    np.testing.assert_allclose(env.unwrapped.data.qpos, plain.unwrapped.data.qpos, atol=1e-12)
+    env.close()
+    plain.close()
+
+
 def test_scene_is_exposed_and_camera_moves():
     env = envs.make_env("pusher", image_size=32, seed=0)
     try:

@@ -197,14 +197,21 @@ def test_evaluate_command_writes_the_table(tiny_run, tmp_path):
              "--video-shift", "table:hard"])
     rows = json.loads((tiny_run / "shift_eval.json").read_text())["rows"]
     conds = [(r["policy"], r["shift"], r["severity"]) for r in rows]
-    assert conds == [("random", "none", "none"), ("agent", "none", "none"), ("agent", "color", "hard"),
-                     ("agent", "table", "hard")]
+    assert conds == [("random", "none", "none"), ("zero", "none", "none"), ("agent", "none", "none"),
+                     ("agent", "color", "hard"), ("agent", "table", "hard")]
     assert all(r["step"] == 120 and r["seed"] == 1 and r["pvm"] == "none" and len(r["returns"]) == 1 for r in rows)
+    # reacher: every row has the final fingertip-target distance and the blind bound of the same start
+    assert all(len(r["final_dists"]) == 1 and 0 <= r["final_dists"][0] < 0.45 for r in rows)
+    assert len({r["blind_dists"][0] for r in rows[:3]}) == 1  # the same start for random, zero and the agent
     with open(tiny_run / "shift_eval.csv") as f:
         table = list(csv.DictReader(f))
-    assert tuple(table[0]) == ev.CSV_COLUMNS and len(table) == 4 and table[0]["policy"] == "random"
+    assert tuple(table[0]) == ev.CSV_COLUMNS and len(table) == 5 and table[0]["policy"] == "random"
+    assert float(table[0]["final_dist_mean"]) == rows[0]["final_dist_mean"]
     md = (tiny_run / "shift_eval.md").read_text()
     assert "| cnn | color | hard |" in md and "| cnn | table | hard |" in md
+    assert "| agent | blind bound | zero action | random |" in md  # the seeing-vs-guessing line
+    logged = [r for r in read_rows(tiny_run) if "eval/final_dist_mean" in r]  # ... also logged while training
+    assert logged and all(0 <= r["eval/final_dist_mean"] < 0.45 and r["eval/blind_dist_mean"] > 0 for r in logged)
     assert sorted(p.name for p in tiny_run.glob("videos/shift_eval_*.mp4")) == ["shift_eval_none_none.mp4",
                                                                               "shift_eval_table_hard.mp4"]
     # Two seeds' results (the second a relabelled copy) -> aggregate table and plot from the command line.
