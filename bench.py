@@ -105,7 +105,7 @@ def make_specs(o) -> list[dict]:
         if enc not in ENCODERS:
             runtime.fail(f"--only {enc!r} is not one of {','.join(ENCODERS)}; fix the list")
         pvm, mode = ("none", "full") if enc == "cnn" else enc.split("-")
-        patch = pd.PVM_ARCHS[pd.pvm_source(pvm)].get("patch_size", 14)  # sizes round down to its patch (DINOv2: 14)
+        patch = 1 if pvm == "none" else pd.PVM_ARCHS[pd.pvm_source(pvm)].get("patch_size", 14)  # sizes round down to its patch (DINOv2: 14)
         for res in ([None] if pvm == "none" else [32] if quick else [int(r) // patch * patch for r in o.pvm_sizes.split(",")]):
             for cache in ([True, False] if mode != "full" and pvm != "none" else [True]):
                 a = dict(base, pvm=pvm, mode=mode, replay_size=replay, feature_cache=cache,
