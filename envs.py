@@ -108,12 +108,15 @@ class PixelEnv(gym.Wrapper):
 
     def __init__(self, env: gym.Env, frame_fn, close_fn, image_size: int, action_repeat: int):
         super().__init__(env)
-        self.frame_fn, self.close_fn, self.action_repeat = frame_fn, close_fn, action_repeat
+        self.frame_fn, self.action_repeat = frame_fn, action_repeat
+        # close_fn runs once: on close(), or when the env is garbage-collected unclosed. A MuJoCo env left to the
+        # collector would otherwise free its GL objects under whichever context is current, i.e. another env's.
+        self._closer = weakref.finalize(self, close_fn)
+        self._closer.atexit = False  # at interpreter exit the GL and MetaDrive runtimes may already be gone
         self.observation_space = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
         inner = env.action_space
         self._low, self._high = inner.low.astype(np.float64), inner.high.astype(np.float64)
         self.action_space = gym.spaces.Box(-1.0, 1.0, inner.shape, np.float32)
-        self._closed = False
 
     def _frame(self, obs) -> np.ndarray:
         # Renderers hand back flipped or strided views; the replay buffer and torch want a plain C array.
@@ -135,9 +138,7 @@ class PixelEnv(gym.Wrapper):
         return self._frame(obs), total, bool(terminated), bool(truncated), info
 
     def close(self):
-        if not self._closed:
-            self._closed = True
-            self.close_fn()
+        self._closer()  # a no-op after the first call
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,9 +216,17 @@ def _make_mujoco(name: str, image_size: int, seed: int, **kwargs):
         model.geom_size[gid, 0] = model.geom_rbound[gid] = REACHER_TARGET_RADIUS  # see REACHER_TARGET_RADIUS
     inner.reset(seed=seed)
     inner.render()  # creates the offscreen viewer now (it is otherwise made lazily) so its scene flags can be set
-    flags = inner.unwrapped.mujoco_renderer.viewer.scn.flags
-    flags[mujoco.mjtRndFlag.mjRND_SHADOW] = flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-    return inner, lambda _state_vector: inner.render(), lambda: _close_mujoco(inner)
+    viewer = inner.unwrapped.mujoco_renderer.viewer
+    viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+
+    def frame(_state_vector):
+        # gymnasium renders into whichever GL context is current, which is the one made last in this process: an
+        # env that renders after another env was made (or closed: then none is current) draws into a stranger's
+        # framebuffer or gets all-zero frames. So every frame first makes this env's own context current.
+        viewer.make_context_current()
+        return inner.render()
+
+    return inner, frame, lambda: _close_mujoco(inner)
 
 
 def _close_mujoco(inner: gym.Env) -> None:
@@ -311,7 +320,7 @@ def _make_metadrive(name: str, image_size: int, action_repeat: int, **kwargs):
     # Task.py guards each swap with `if signal:`, so this turns it off.
     panda_task.signal = None
     other = _live_metadrive and _live_metadrive()
-    if other is not None and not other._closed:
+    if other is not None and other._closer.alive:
         raise RuntimeError("MetaDrive allows one env per process (its engine is a singleton): close() the open "
                            "MetaDrive env before making another")
     if engine_initialized():

@@ -131,6 +131,25 @@ def test_sequential_mujoco_envs_still_render():
     third.close()
 
 
+def test_a_live_mujoco_env_renders_its_own_scene_whatever_other_envs_do():
+    # Regression: gymnasium renders into whichever GL context is current. Closing another env left none current
+    # (all-zero frames), and an env dropped unclosed freed its GL objects under the live env's context.
+    live = envs.make_env("reacher", image_size=32, seed=0)
+    want = live.reset(seed=5)[0]
+    check_frame(want, 32)
+    other = envs.make_env("pusher", image_size=64, seed=0)  # made last: its context is the current one
+    other.reset(seed=0)
+    np.testing.assert_array_equal(live.reset(seed=5)[0], want)
+    other.close()
+    np.testing.assert_array_equal(live.reset(seed=5)[0], want)
+    dropped = envs.make_env("pusher", image_size=32, seed=0)
+    dropped.reset(seed=0)
+    del dropped  # never closed: collected now, and closed by its finaliser
+    gc.collect()
+    np.testing.assert_array_equal(live.reset(seed=5)[0], want)
+    live.close()
+
+
 def set_qpos(env, idx, values):
     u = env.unwrapped
     qpos = u.data.qpos.copy()
