@@ -4,6 +4,7 @@ import gc
 import os
 import subprocess
 import sys
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -148,6 +149,51 @@ def test_a_live_mujoco_env_renders_its_own_scene_whatever_other_envs_do():
     gc.collect()
     np.testing.assert_array_equal(live.reset(seed=5)[0], want)
     live.close()
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_every_env_passes_gymnasiums_env_checker_through_its_registered_id(name):
+    from gymnasium.utils.env_checker import check_env
+    from gymnasium.utils.passive_env_checker import env_render_passive_checker
+
+    one = name in envs.ONE_PER_PROCESS  # MetaDrive: one engine per process, so check_env may not make a second env
+    env = gym.make(envs.GYM_IDS[name], image_size=32, seed=3)
+    assert env.spec.id == envs.GYM_IDS[name] and env.spec.nondeterministic == one
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env, skip_render_check=one, skip_close_check=one)  # the latter makes, closes and recloses a copy
+        if one:
+            env_render_passive_checker(env)
+    complaints = [str(w.message) for w in caught if "WARN" in str(w.message)
+                  and "different from the unwrapped" not in str(w.message)]  # (advice to check the bare task env)
+    assert not complaints, complaints
+    obs, _ = env.reset(seed=7)
+    np.testing.assert_array_equal(env.render(), obs)  # render() is what the agent sees
+    plain = None
+    if not one:  # the registered id builds exactly make_env's env
+        plain = envs.make_env(name, image_size=32, seed=3)
+        np.testing.assert_array_equal(plain.reset(seed=7)[0], obs)
+        plain.close()
+    env.close()
+    env.close()  # closing twice is allowed
+
+
+def test_make_vec_builds_parallel_pixel_envs():
+    for mode in ("sync", "async"):
+        vec = gym.make_vec(envs.GYM_IDS["pointmass"], num_envs=3, vectorization_mode=mode, image_size=32)
+        obs, _ = vec.reset(seed=0)  # env i is seeded 0 + i
+        assert obs.shape == (3, 32, 32, 3) and obs.dtype == np.uint8
+        assert not np.array_equal(obs[0], obs[1])
+        single = envs.make_env("pointmass", image_size=32)
+        np.testing.assert_array_equal(obs[2], single.reset(seed=2)[0])
+        obs, reward, *_ = vec.step(np.zeros((3, 2), np.float32))
+        assert obs.shape == (3, 32, 32, 3) and reward.shape == (3,)
+        vec.close()
+
+
+def test_bad_render_mode_is_one_line():
+    with pytest.raises(ValueError, match="render_mode must be 'rgb_array'"):
+        envs.make_env("pointmass", image_size=32, render_mode="human")
 
 
 def set_qpos(env, idx, values):
