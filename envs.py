@@ -31,6 +31,7 @@ os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 # process would ignore a scheduler's stop. SDL reads this at SDL_Init.
 os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
 
+import functools
 import weakref
 
 import gymnasium as gym
@@ -158,6 +159,18 @@ class PixelEnv(gym.Wrapper):
 
     def render(self):
         return self._last.copy() if hasattr(self, "_last") else None
+
+    # What ParallelEnvs asks of an env in its worker process (gymnasium's VectorEnv.call / get_attr / set_attr).
+    def sample_action(self) -> np.ndarray:
+        return self.action_space.sample()
+
+    @property
+    def rng(self) -> dict:
+        return rng_state(self)
+
+    @rng.setter
+    def rng(self, state: dict):
+        set_rng_state(self, state)
 
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options=options)
@@ -314,6 +327,68 @@ def set_camera(env: gym.Env, **cam) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # MetaDrive (imported lazily: the MuJoCo path never touches it, and it is absent on Python >= 3.12)
 # ---------------------------------------------------------------------------------------------------------
+class ParallelEnvs:
+    """N pixel envs stepped together, so that the agent acts on all N frames with one encoder call.
+    N = 1: the env itself, in this process (a run with one env is what it always was). N > 1: gymnasium's
+    AsyncVectorEnv, one process per env (so MetaDrive's one engine per process holds), started with "spawn" (a
+    forked child would inherit this process's GL state and torch's threads), env i seeded with seed + i, and with
+    autoreset off: the caller resets an ended env when it chooses (the collector: lazily, at the next step, as with
+    one env), so an episode's last frame is the observation of the step that ended it and nothing is skipped."""
+
+    def __init__(self, env: gym.Env | None = None, *, name: str = "", num: int = 1, image_size: int = 64,
+                 seed: int = 0, action_repeat: int = 2):
+        self.one, self.vec = env, None
+        if env is None and num == 1:
+            self.one = make_env(name, image_size, seed, action_repeat)
+        elif env is None:
+            from gymnasium.vector import AsyncVectorEnv, AutoresetMode
+
+            fns = [functools.partial(make_env, name, image_size, seed + i, action_repeat) for i in range(num)]
+            self.vec = AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
+        src = self.one if self.one is not None else self.vec
+        self.num = 1 if self.one is not None else num
+        self.observation_space = src.observation_space if self.one is not None else src.single_observation_space
+        self.action_space = src.action_space if self.one is not None else src.single_action_space
+
+    def reset(self, index, seeds) -> np.ndarray:
+        """Reset the envs in `index` (seeds: one int or None each) -> their first frames, (len(index), H, W, 3)."""
+        if self.one is not None:
+            return self.one.reset(seed=seeds[0])[0][None]
+        mask = np.zeros(self.num, bool)
+        mask[index] = True
+        seed = [None] * self.num
+        for i, s in zip(index, seeds):
+            seed[i] = s
+        obs, _ = self.vec.reset(seed=seed, options={"reset_mask": mask})
+        return obs[index]
+
+    def step(self, actions: np.ndarray):
+        """actions (N, A) -> frames (N, H, W, 3), rewards, terminated, truncated (N,) each."""
+        if self.one is not None:
+            obs, reward, terminated, truncated, _ = self.one.step(actions[0])
+            return obs[None], np.array([reward]), np.array([terminated]), np.array([truncated])
+        obs, reward, terminated, truncated, _ = self.vec.step(actions)
+        return obs, reward, terminated, truncated
+
+    def sample_actions(self) -> np.ndarray:  # (N, A): uniform, from each env's own seeded action space
+        if self.one is not None:
+            return self.one.action_space.sample()[None]
+        return np.stack(self.vec.call("sample_action"))
+
+    def rng_states(self) -> list[dict]:
+        return [rng_state(self.one)] if self.one is not None else list(self.vec.get_attr("rng"))
+
+    def set_rng_states(self, states: list[dict]):
+        assert len(states) == self.num, f"{len(states)} env generator states for {self.num} envs"
+        if self.one is not None:
+            set_rng_state(self.one, states[0])
+        else:
+            self.vec.set_attr("rng", list(states))
+
+    def close(self):
+        (self.one if self.one is not None else self.vec).close()
+
+
 _live_metadrive = None  # weakref to the open MetaDrive env: MetaDrive's engine is a per-process singleton
 
 

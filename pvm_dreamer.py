@@ -146,7 +146,11 @@ class Args:
 
     # --- training loop
     total_steps: int = 1_010_000
-    """agent steps to train for (each is --action-repeat simulator steps); [PVM] manipulation: 1.01M"""
+    """agent steps to train for (each is --action-repeat simulator steps), counted over all envs; [PVM]
+    manipulation: 1.01M"""
+    num_envs: int = 1
+    """envs stepped in parallel (one process each for N > 1), with one encoder call for all N frames per step.
+    1 (the paper's setting) keeps runs exactly as they were; a PVM on a GPU gains most from 4-8"""
     learning_starts: int = 1000
     """agent steps of uniform-random actions collected before the first update"""
     train_ratio: float = 32.0
@@ -318,62 +322,86 @@ class Replay:
     its state wherever is_first is set, and every window starts with is_first=True because we do not replay
     latent states (latest [D3] does; the replay-context trick is left out).
     With `feat_shape`, row t also holds `feat`: the frozen PVM prefix's output for obs[t] (fp16, see
-    `feature_cache_shape`), so training never runs the frozen part of the PVM twice on the same frame."""
+    `feature_cache_shape`), so training never runs the frozen part of the PVM twice on the same frame.
+    With `streams` = N parallel envs, each env writes its own ring of capacity // N rows (`add(..., stream=i)`),
+    and a window lies inside one stream: it never runs from one env's frames into another's. Windows are drawn
+    uniformly over all the windows the streams hold (with one stream: exactly the draws of a single ring)."""
 
-    def __init__(self, capacity: int, image_shape, action_dim: int, seed: int, feat_shape=None):
-        self.capacity, self.idx, self.full = capacity, 0, False
+    def __init__(self, capacity: int, image_shape, action_dim: int, seed: int, feat_shape=None, streams: int = 1):
+        assert capacity >= streams >= 1, f"replay capacity {capacity} is below one row per stream ({streams})"
+        self.capacity = capacity // streams  # rows per stream
+        self.idx, self.full = np.zeros(streams, np.int64), np.zeros(streams, bool)
+        shape = lambda *s: (streams, self.capacity, *s)  # noqa: E731
         self.data = dict(
-            image=np.zeros((capacity, *image_shape), np.uint8),
-            action=np.zeros((capacity, action_dim), np.float32),
-            reward=np.zeros(capacity, np.float32),
-            is_first=np.zeros(capacity, bool),
-            is_terminal=np.zeros(capacity, bool),
+            image=np.zeros(shape(*image_shape), np.uint8),
+            action=np.zeros(shape(action_dim), np.float32),
+            reward=np.zeros(shape(), np.float32),
+            is_first=np.zeros(shape(), bool),
+            is_terminal=np.zeros(shape(), bool),
         )
         if feat_shape is not None:
-            self.data["feat"] = np.zeros((capacity, *feat_shape), np.float16)
+            self.data["feat"] = np.zeros(shape(*feat_shape), np.float16)
         self.rng = np.random.default_rng(seed)
 
-    def __len__(self):
-        return self.capacity if self.full else self.idx
+    @property
+    def streams(self) -> int:
+        return len(self.idx)
 
-    def add(self, image, action, reward, is_first, is_terminal, feat=None):
+    def lengths(self) -> np.ndarray:  # rows held per stream
+        return np.where(self.full, self.capacity, self.idx)
+
+    def __len__(self):
+        return int(self.lengths().sum())
+
+    def windows(self, length: int) -> np.ndarray:  # how many windows of `length` rows each stream holds
+        return np.maximum(self.lengths() - length + 1, 0)
+
+    def add(self, image, action, reward, is_first, is_terminal, feat=None, stream: int = 0):
         assert (feat is None) == ("feat" not in self.data), "pass feat exactly when the replay caches features"
+        i = self.idx[stream]
         for key, value in zip(self.data, (image, action, reward, is_first, is_terminal, feat)):
-            self.data[key][self.idx] = value
-        self.idx = (self.idx + 1) % self.capacity
-        self.full = self.full or self.idx == 0
+            self.data[key][stream, i] = value
+        self.idx[stream] = (i + 1) % self.capacity
+        self.full[stream] |= self.idx[stream] == 0
 
     def sample(self, batch_size: int, length: int) -> dict:
-        n = len(self)
-        assert n >= length, f"replay holds {n} steps, fewer than one window of {length}"
-        starts = self.rng.integers(0, n - length + 1, batch_size)  # offsets from the oldest row
-        oldest = self.idx if self.full else 0  # a window must not run across the write head
-        rows = (oldest + starts[:, None] + np.arange(length)) % self.capacity  # (B, T)
-        batch = {k: v[rows] for k, v in self.data.items()}
+        windows = self.windows(length)
+        assert windows.sum() > 0, f"replay holds {len(self)} steps, no window of {length} in one stream"
+        draw = self.rng.integers(0, windows.sum(), batch_size)  # a window, numbered across all streams
+        stream = np.searchsorted(np.cumsum(windows), draw, side="right")  # (B,), stream 0 when there is one
+        starts = draw - (np.cumsum(windows) - windows)[stream]  # offsets from that stream's oldest row
+        oldest = np.where(self.full, self.idx, 0)[stream]  # a window must not run across the write head
+        rows = (oldest[:, None] + starts[:, None] + np.arange(length)) % self.capacity  # (B, T)
+        batch = {k: v[stream[:, None], rows] for k, v in self.data.items()}
         batch["is_first"][:, 0] = True
         return batch
 
     def state_dict(self):
-        n = len(self)
-        return dict(idx=self.idx, full=self.full, rng=self.rng.bit_generator.state,
-                    data={k: v[:n].copy() for k, v in self.data.items()})
+        n = self.lengths()
+        return dict(idx=self.idx.copy(), full=self.full.copy(), rng=self.rng.bit_generator.state,
+                    data={k: [v[s, :n[s]].copy() for s in range(self.streams)] for k, v in self.data.items()})
 
     def load_state_dict(self, state) -> bool:
         """Returns False when this replay caches features but the checkpoint's replay did not (refill them)."""
-        n = len(state["data"]["reward"])
-        for k, v in state["data"].items():
+        data, idx, full = state["data"], np.atleast_1d(state["idx"]), np.atleast_1d(state["full"])
+        if np.ndim(state["idx"]) == 0:  # written before replay streams existed: one ring
+            data = {k: [v] for k, v in data.items()}
+        assert len(idx) == self.streams, f"checkpoint replay has {len(idx)} streams, this run {self.streams}"
+        for k, per_stream in data.items():
             if k in self.data:  # a cache saved by a run with --feature-cache is dropped without it
-                self.data[k][:n] = v
-        self.idx, self.full = state["idx"], state["full"]
+                for s, v in enumerate(per_stream):
+                    self.data[k][s, :len(v)] = v
+        self.idx[:], self.full[:] = idx, full
         self.rng.bit_generator.state = state["rng"]
-        return "feat" not in self.data or "feat" in state["data"]
+        return "feat" not in self.data or "feat" in data
 
     @torch.no_grad()
     def fill_cache(self, encoder, device, chunk: int = 64):
         """Compute the feature cache of every stored frame (resuming a run saved without the cache)."""
-        for i in range(0, len(self), chunk):
-            frames = torch.as_tensor(self.data["image"][i:i + chunk], device=device)
-            self.data["feat"][i:i + chunk] = encoder.prefix(frames).half().cpu().numpy()
+        for s, n in enumerate(self.lengths()):
+            for i in range(0, n, chunk):
+                frames = torch.as_tensor(self.data["image"][s, i:min(i + chunk, n)], device=device)
+                self.data["feat"][s, i:i + len(frames)] = encoder.prefix(frames).half().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1261,68 +1289,96 @@ def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
 # Acting: the env side of the loop, and the one evaluation that every reported return comes from
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def act(agent: Dreamer, obs: np.ndarray, state, is_first: bool, explore: bool, prefix=None):
-    """Filter one frame into the latent state and pick an action. state = (deter, stoch, prevact).
-    prefix: the frame's frozen-PVM-prefix output, already computed for the feature cache (see add_frame)."""
+def act(agent: Dreamer, obs: np.ndarray, state, is_first, explore: bool, prefix=None):
+    """Filter a batch of frames (N, h, w, 3), one per env, into the latent states and pick actions (N, A).
+    state = (deter, stoch, prevact), each (N, ...); is_first (N,). prefix: the frames' frozen-PVM-prefix outputs,
+    already computed for the feature cache (see add_frames): the encoder's frozen part runs once per frame."""
     device = agent.wm.bins.device
     deter, stoch, prev_action = state
     if prefix is not None:
-        embed = agent.wm.encoder.from_prefix(prefix, (1,))  # (1, E)
+        embed = agent.wm.encoder.from_prefix(prefix, (len(prefix),))  # (N, E)
     else:
-        embed = agent.wm.encoder(torch.as_tensor(obs, device=device)[None])  # (1, E)
-    first = torch.tensor([is_first], device=device)
+        embed = agent.wm.encoder(torch.as_tensor(obs, device=device))  # (N, E)
+    first = torch.as_tensor(np.asarray(is_first, bool), device=device)
     deter, stoch, _ = agent.wm.rssm.obs_step(deter, stoch, prev_action, agent.wm.rssm.post_embed(embed), first)
     dist = actor_dist(agent.actor(torch.cat([deter, stoch], -1)))
-    action = (dist.sample() if explore else dist.mean).clamp(-1, 1)  # (1, A)
-    return action[0].cpu().numpy(), (deter, stoch, action)
+    action = (dist.sample() if explore else dist.mean).clamp(-1, 1)  # (N, A)
+    return action.cpu().numpy(), (deter, stoch, action)
 
 
 @torch.no_grad()
-def add_frame(replay: Replay, agent: Dreamer, obs, action, reward, is_first, is_terminal):
-    """replay.add, plus the frame's feature-cache entry when the replay has a cache. Returns that entry (fp32,
-    (1, ...)) or None: the frozen prefix never changes, so acting on this frame next reuses it (in fp32; only
-    the replay's copy is rounded to fp16)."""
+def add_frames(replay: Replay, agent: Dreamer, obs, action, reward, is_first, is_terminal, streams):
+    """replay.add for a batch of frames (M, h, w, 3), frame j into stream streams[j], plus their feature-cache
+    entries (one prefix call for all M) when the replay has a cache. Returns those entries (fp32, (M, ...)) or
+    None: the frozen prefix never changes, so acting on these frames next reuses them (in fp32; only the
+    replay's copy is rounded to fp16)."""
     prefix = None
     if "feat" in replay.data:
-        prefix = agent.wm.encoder.prefix(torch.as_tensor(obs, device=agent.wm.bins.device)[None])  # (1, ...)
-    replay.add(obs, action, reward, is_first, is_terminal, None if prefix is None else prefix[0].half().cpu().numpy())
+        prefix = agent.wm.encoder.prefix(torch.as_tensor(obs, device=agent.wm.bins.device))  # (M, ...)
+        feats = prefix.half().cpu().numpy()
+    for j, stream in enumerate(streams):
+        replay.add(obs[j], action[j], reward[j], is_first[j], is_terminal[j],
+                   None if prefix is None else feats[j], stream=stream)
     return prefix
 
 
-def initial_state(agent: Dreamer):
+def initial_state(agent: Dreamer, n: int = 1):
     device = agent.wm.bins.device
-    deter, stoch = agent.wm.rssm.initial(1, device)
-    return deter, stoch, torch.zeros(1, agent.action_dim, device=device)
+    deter, stoch = agent.wm.rssm.initial(n, device)
+    return deter, stoch, torch.zeros(n, agent.action_dim, device=device)
 
 
 class Collector:
-    """The loop's env side: steps one env with the exploring policy (or uniform-random actions), puts every
-    frame into the replay and carries the agent's recurrent state. An ended episode is reset lazily, at the next
-    step: a checkpoint taken at an episode's end then holds the env's RNG from before that reset, so a run
-    resumed from it continues exactly as the uninterrupted run would have."""
+    """The loop's env side: steps N envs (envs.ParallelEnvs; a single env is taken as N = 1) with the exploring
+    policy (or uniform-random actions), acting on all N frames at once, puts every frame into its env's replay
+    stream and carries each env's recurrent state. An ended episode is reset lazily, at the next step: a
+    checkpoint taken at an episode's end then holds the env's RNG from before that reset, so a run resumed from
+    it continues exactly as the uninterrupted run would have."""
 
-    def __init__(self, agent: Dreamer, env, replay: Replay):
-        self.agent, self.env, self.replay, self.done = agent, env, replay, True
+    def __init__(self, agent: Dreamer, env, replay: Replay, seed: int | None = None):
+        """The first step starts every env's first episode, env i from reset(seed + i) (None: its generator)."""
+        self.envs = env if isinstance(env, envs.ParallelEnvs) else envs.ParallelEnvs(env)
+        self.first_seed = seed
+        self.agent, self.replay, n = agent, replay, self.envs.num
+        assert replay.streams == n, f"a replay of {replay.streams} streams for {n} envs"
+        self.obs = np.zeros((n, *self.envs.observation_space.shape), np.uint8)
+        self.done, self.is_first = np.ones(n, bool), np.ones(n, bool)
+        self.ep_return, self.ep_len = np.zeros(n), np.zeros(n, np.int64)
+        self.state, self.prefix = initial_state(agent, n), None
 
-    def reset(self, seed: int | None = None):
-        self.obs, _ = self.env.reset(seed=seed)
-        # Row 0 of an episode: no action led to it (prevact 0), no reward, is_first.
-        self.prefix = add_frame(self.replay, self.agent, self.obs, np.zeros(self.agent.action_dim), 0.0, True, False)
-        self.state, self.is_first, self.done, self.ep_return, self.ep_len = initial_state(self.agent), True, False, 0.0, 0
+    def reset(self, seed: int | None = None, index=None):
+        """Start a new episode in the envs of `index` (default: all), env i with seed + i (None: from its own
+        generator). Row 0 of an episode: no action led to it (prevact 0), no reward, is_first."""
+        index = np.arange(self.envs.num) if index is None else np.asarray(index)
+        m, a = len(index), self.agent.action_dim
+        frames = self.envs.reset(list(index), [None if seed is None else seed + int(i) for i in index])
+        prefix = add_frames(self.replay, self.agent, frames, np.zeros((m, a)), np.zeros(m), np.ones(m, bool),
+                            np.zeros(m, bool), index)
+        self.obs[index] = frames
+        if prefix is not None:
+            if self.prefix is None:
+                self.prefix = prefix.new_zeros((self.envs.num, *prefix.shape[1:]))
+            self.prefix[index] = prefix
+        for part, fresh in zip(self.state, initial_state(self.agent, m)):
+            part[index] = fresh
+        self.is_first[index], self.done[index], self.ep_return[index], self.ep_len[index] = True, False, 0.0, 0
+        self.first_seed = None  # later episodes start from the envs' own generators
 
-    def step(self, random_action: bool) -> bool:
-        """One agent step; True when it ended the episode (ep_return and ep_len then hold its totals)."""
-        if self.done:
-            self.reset()
+    def step(self, random_action: bool) -> list[tuple[int, float, int]]:
+        """One agent step in every env -> the episodes it ended, as (env index, return, length)."""
+        if self.done.any():
+            self.reset(self.first_seed, index=np.flatnonzero(self.done))
         if random_action:
-            action = self.env.action_space.sample()
+            action = self.envs.sample_actions()
         else:
             action, self.state = act(self.agent, self.obs, self.state, self.is_first, explore=True, prefix=self.prefix)
-        self.obs, reward, terminated, truncated, _ = self.env.step(action)
-        self.prefix = add_frame(self.replay, self.agent, self.obs, action, reward, False, terminated)
-        self.is_first, self.ep_return, self.ep_len = False, self.ep_return + float(reward), self.ep_len + 1
-        self.done = terminated or truncated
-        return self.done
+        obs, reward, terminated, truncated = self.envs.step(action)
+        n = self.envs.num
+        self.prefix = add_frames(self.replay, self.agent, obs, action, reward, np.zeros(n, bool), terminated, range(n))
+        self.obs[:] = obs
+        self.is_first[:], self.ep_return, self.ep_len = False, self.ep_return + reward, self.ep_len + 1
+        self.done = terminated | truncated
+        return [(int(i), float(self.ep_return[i]), int(self.ep_len[i])) for i in np.flatnonzero(self.done)]
 
 
 EVAL_SEED = 20_000  # evaluation episode i starts from reset(seed=EVAL_SEED + i): not a training seed, the same
@@ -1368,7 +1424,8 @@ def evaluate_episodes(agent: Dreamer | None, env, episodes: int, video_path: str
                 if agent is None:
                     action = np.zeros(env.action_space.shape, np.float32) if zero_action else env.action_space.sample()
                 else:
-                    action, state = act(agent, obs, state, is_first, explore=False)
+                    action, state = act(agent, obs[None], state, [is_first], explore=False)
+                    action = action[0]
                 obs, reward, terminated, truncated, _ = env.step(action)
                 total, is_first, done = total + float(reward), False, terminated or truncated
             returns.append(total)
@@ -1397,11 +1454,12 @@ RESUME_MAY_CHANGE = ("total_steps", "log_every", "eval_every", "eval_episodes", 
                      "wandb_entity")
 
 
-def checkpoint_state(agent: Dreamer, opt: dict, replay: Replay, env, progress: runtime.Progress, args: Args) -> dict:
+def checkpoint_state(agent: Dreamer, opt: dict, replay: Replay, env: envs.ParallelEnvs, progress: runtime.Progress,
+                     args: Args) -> dict:
     """Everything a resumed run needs. The return normaliser and the slow critic are buffers/modules of the
-    agent, so agent.state_dict() holds them; the env's generators give the next reset's start state."""
+    agent, so agent.state_dict() holds them; the envs' generators (one per env) give the next resets' starts."""
     return dict(args=asdict(args), **asdict(progress), agent=agent.state_dict(),
-                opt={k: o.state_dict() for k, o in opt.items()}, rng=dict(runtime.rng_states(), env=envs.rng_state(env)),
+                opt={k: o.state_dict() for k, o in opt.items()}, rng=dict(runtime.rng_states(), env=env.rng_states()),
                 replay=replay.state_dict() if args.checkpoint_replay else None)
 
 
@@ -1428,7 +1486,7 @@ def load_checkpoint(path: Path, args: Args, fix_corrupt: bool = False) -> dict:
     return state
 
 
-def restore(state: dict, agent: Dreamer, opt: dict, replay: Replay, env, device) -> runtime.Progress:
+def restore(state: dict, agent: Dreamer, opt: dict, replay: Replay, env: envs.ParallelEnvs, device) -> runtime.Progress:
     agent.load_state_dict(state["agent"])
     for k, o in opt.items():
         o.load_state_dict(state["opt"][k])
@@ -1436,9 +1494,11 @@ def restore(state: dict, agent: Dreamer, opt: dict, replay: Replay, env, device)
         replay.fill_cache(agent.wm.encoder, device)  # saved without --feature-cache: compute it once
     rng = state["rng"]
     runtime.set_rng_states(rng)
-    if "np_random" not in rng["env"]:  # written before envs.rng_state existed
-        rng["env"] = dict(np_random=rng["env"], action_space=rng["action_space"])
-    envs.set_rng_state(env, rng["env"])
+    if isinstance(rng["env"], dict):  # written before parallel envs: one env's generators
+        if "np_random" not in rng["env"]:  # ...and before envs.rng_state existed
+            rng["env"] = dict(np_random=rng["env"], action_space=rng["action_space"])
+        rng["env"] = [rng["env"]]
+    env.set_rng_states(rng["env"])
     return runtime.Progress.from_state(state)
 
 
@@ -1450,7 +1510,7 @@ RANGES = dict(
     seed=(0, 2**32 - 1), total_steps=(1, None), learning_starts=(0, None), train_ratio=(0, None),
     batch_size=(1, None), batch_length=(1, None), replay_size=(1, None), checkpoint_every=(1, None),
     keep_checkpoints=(1, None), eval_every=(0, None), eval_episodes=(0, None), log_every=(1, None),
-    action_repeat=(1, None), imag_horizon=(1, None), finetune_blocks=(0, None), pvm_token_dim=(1, 1024),
+    action_repeat=(1, None), num_envs=(1, 256), imag_horizon=(1, None), finetune_blocks=(0, None), pvm_token_dim=(1, 1024),
     pvm_image_size=(1, 1024), encoder_lr_scale=(0, None), feature_cache_gb=(0, None), wm_lr=(0, None),
     actor_lr=(0, None), critic_lr=(0, None), horizon=(1, None), lam=(0, 1), actor_entropy=(0, None),
     slow_critic_rate=(0, 1), free_nats=(0, None), dyn_scale=(0, None), rep_scale=(0, None), unimix=(0, 1),
@@ -1477,8 +1537,10 @@ def check_args(args: Args):
     if args.l2sp and not (args.pvm != "none" and args.mode in ("partial", "full")):
         raise UsageError(f"--l2sp applies to a PVM with --mode partial or full (the weights that move), not "
                          f"{'the CNN' if args.pvm == 'none' else f'--mode {args.mode}'}; drop --l2sp")
-    if args.replay_size < args.batch_length:
-        raise UsageError(f"--replay-size {args.replay_size} holds no window of --batch-length {args.batch_length}")
+    if args.replay_size // args.num_envs < args.batch_length:
+        raise UsageError(f"--replay-size {args.replay_size} holds no window of --batch-length {args.batch_length}"
+                         + (f" per env (each of --num-envs {args.num_envs} gets 1/{args.num_envs} of it)"
+                            if args.num_envs > 1 else ""))
     lo, hi = envs.IMAGE_SIZE_RANGE
     if not lo <= args.image_size <= hi:
         raise UsageError(f"--image-size {args.image_size} is outside what the renderers draw; use {lo}..{hi}")
@@ -1511,8 +1573,22 @@ def open_run(args: Args) -> tuple[Path, dict | None]:
 
 
 def make_run_env(args: Args):
+    """One env of the run's task (evaluation's, and the training env when --num-envs is 1)."""
+    return _env_or_usage_error(args, lambda: envs.make_env(args.env, image_size=args.image_size, seed=args.seed,
+                                                           action_repeat=args.action_repeat))
+
+
+def make_train_envs(args: Args) -> envs.ParallelEnvs:
+    """The --num-envs training envs; env i is seeded with --seed + i (one env: make_run_env's)."""
+    if args.num_envs == 1:
+        return envs.ParallelEnvs(make_run_env(args))
+    return _env_or_usage_error(args, lambda: envs.ParallelEnvs(
+        name=args.env, num=args.num_envs, image_size=args.image_size, seed=args.seed, action_repeat=args.action_repeat))
+
+
+def _env_or_usage_error(args: Args, make):
     try:
-        return envs.make_env(args.env, image_size=args.image_size, seed=args.seed, action_repeat=args.action_repeat)
+        return make()
     except (ValueError, RuntimeError, ImportError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if args.env in envs.MUJOCO_TASKS and any(w in msg for w in ("EGL", "OSMesa", "OpenGL", "GLFW", "libGL")):
@@ -1544,8 +1620,8 @@ class Run:
     agent: Dreamer
     opt: dict
     replay: Replay
-    env: object
-    eval_env: object
+    env: envs.ParallelEnvs  # the training envs
+    eval_env: object  # evaluation's env (with one MetaDrive env: the training env itself)
     p: runtime.Progress
     lock: runtime.RunLock
     logger: runtime.Logger | None = None
@@ -1561,7 +1637,7 @@ class Run:
         self.last_ckpt = self.p.step
 
     def close(self):
-        for thing in (self.logger, self.env, self.eval_env if self.eval_env is not self.env else None, self.lock):
+        for thing in (self.logger, self.env, self.eval_env if self.eval_env is not self.env.one else None, self.lock):
             if thing is not None:
                 thing.close()
 
@@ -1579,26 +1655,26 @@ def start_run(args: Args) -> Run:
     run_dir, state = open_run(args)
     runtime.seed_everything(args.seed, args.torch_deterministic)
     encoder = make_encoder(args)  # before the env: a bad PVM id or size then leaves no env to close
-    env = make_run_env(args)
-    eval_env = env
+    env = make_train_envs(args)
+    eval_env = env.one
     try:
         # Evaluation runs on its own env, as in [D3], so it never reseeds the training episodes' starts.
-        # MetaDrive's engine is one per process: there it shares the training env and eval_row puts its
-        # generators back.
-        if args.eval_episodes and args.env not in envs.ONE_PER_PROCESS:
+        # MetaDrive's engine is one per process: with one env, in this process, evaluation shares it and
+        # eval_row puts its generators back (with N > 1 the training envs live in their own processes).
+        if args.eval_episodes and (args.env not in envs.ONE_PER_PROCESS or args.num_envs > 1):
             eval_env = make_run_env(args)
         action_dim = env.action_space.shape[0]
         agent = Dreamer(encoder, action_dim, args).to(device)
         opt = make_optimizers(agent, args)
         replay = Replay(args.replay_size, env.observation_space.shape, action_dim, args.seed,
-                        feature_cache_shape(agent.wm.encoder, args))
+                        feature_cache_shape(agent.wm.encoder, args), streams=args.num_envs)
         p = restore(state, agent, opt, replay, env, device) if state else runtime.Progress(
             next_log=args.log_every, next_eval=args.eval_every or args.total_steps, next_ckpt=args.checkpoint_every)
         runtime.make_run_dir(run_dir, "--logdir")  # every check has passed: the first write of the run
         lock = runtime.RunLock(run_dir)  # no second process may write this run while this one does
     except BaseException:
         env.close()
-        if eval_env is not env:
+        if eval_env is not None and eval_env is not env.one:
             eval_env.close()
         raise
     run = Run(args, device, run_dir, agent, opt, replay, env, eval_env, p, lock, last_ckpt=p.step)
@@ -1639,10 +1715,11 @@ def eval_row(agent: Dreamer | None, env, eval_env, args: Args, run_dir: Path, st
     """One evaluation during training (agent=None: the random policy), on eval_env; None if stop() ended it.
     The training env's generators are put back afterwards, so where eval_env IS the training env (MetaDrive:
     one engine per process) the training episodes still do not depend on --eval-every."""
-    saved = envs.rng_state(env)
+    saved = envs.rng_state(eval_env) if eval_env is env.one else None
     video = str(eval_video(run_dir, step)) if args.capture_video and agent is not None else ""
     out = evaluate_episodes(agent, eval_env, args.eval_episodes, video, stop, on_episode)
-    envs.set_rng_state(env, saved)
+    if saved is not None:
+        envs.set_rng_state(eval_env, saved)
     if out is None:
         return None
     who = "" if agent is not None else "random_"
@@ -1669,9 +1746,9 @@ def train_loop(run: Run, stop: runtime.StopRequest) -> dict:
     batch_steps = args.batch_size * args.batch_length
     pbar = tqdm(total=args.total_steps, initial=p.step, unit="step", mininterval=2.0, dynamic_ncols=True)
 
-    def evaluation(policy: Dreamer | None, what: str) -> dict | None:  # shown on the progress bar as it runs
+    def evaluation(policy: Dreamer | None, what: str, step: int) -> dict | None:  # shown on the progress bar
         show = lambda i: pbar.set_postfix_str(f"evaluating {what}: episode {i + 1}/{args.eval_episodes}")  # noqa: E731
-        return eval_row(policy, run.env, run.eval_env, args, run.run_dir, p.step, lambda: bool(stop), show)
+        return eval_row(policy, run.env, run.eval_env, args, run.run_dir, step, lambda: bool(stop), show)
 
     def film(step: int) -> dict | None:  # the evaluation video of this step, for --track's W&B run
         path = eval_video(run.run_dir, step)
@@ -1687,8 +1764,8 @@ def train_loop(run: Run, stop: runtime.StopRequest) -> dict:
 
     with pbar:
         if not p.baselines:  # step 0: random actions and the untrained agent, by the same evaluation code
-            random_row = evaluation(None, "the random policy") if args.eval_episodes else {}
-            agent_row = evaluation(agent, "the untrained agent") if args.eval_episodes and not stop else {}
+            random_row = evaluation(None, "the random policy", 0) if args.eval_episodes else {}
+            agent_row = evaluation(agent, "the untrained agent", 0) if args.eval_episodes and not stop else {}
             if not stop:
                 if args.eval_episodes:
                     logger.log(0, {**random_row, **agent_row}, film(0))
@@ -1697,9 +1774,8 @@ def train_loop(run: Run, stop: runtime.StopRequest) -> dict:
         # A resumed run starts a fresh episode, also from a checkpoint taken mid-episode (at a --checkpoint-every
         # mark or on SIGTERM): the simulator's state is not saved, and is_first tells the world model of the cut.
         # The env's RNG is, so from a checkpoint at an episode's end the resumed run IS the uninterrupted one.
-        collector = Collector(agent, run.env, replay)
-        if not stop:
-            collector.reset(seed=args.seed if p.step == 0 else None)
+        # That episode starts at the first step, after the updates the checkpoint owed (as it would have).
+        collector = Collector(agent, run.env, replay, seed=args.seed if p.step == 0 else None)
         start_time, start_step = time.time(), p.step
         while not stop:
             # A checkpoint is taken after a step's collection and before its updates: a resumed run pays first
@@ -1707,31 +1783,34 @@ def train_loop(run: Run, stop: runtime.StopRequest) -> dict:
             train_owed()
             if stop or p.step >= args.total_steps:
                 break
-            done = collector.step(random_action=p.step < args.learning_starts)
-            p.step += 1
-            pbar.update(1)
-            if p.step >= args.learning_starts and len(replay) >= args.batch_length:
-                p.updates_due += args.train_ratio / batch_steps
+            # One step of every env: N agent steps, numbered env by env (env i's is step0 + i + 1).
+            ended = collector.step(random_action=p.step < args.learning_starts)
+            step0, p.step = p.step, p.step + args.num_envs
+            pbar.update(args.num_envs)
+            if replay.windows(args.batch_length).sum() > 0:  # each env step owes train_ratio / (B*T) updates
+                p.updates_due += sum(s >= args.learning_starts for s in range(step0 + 1, p.step + 1)) \
+                    * args.train_ratio / batch_steps
 
-            if done:  # ---- episode boundary: log, and evaluate when due
+            for j, (env_index, ep_return, ep_len) in enumerate(ended):  # ---- episode ends: a row each
+                step, last = step0 + env_index + 1, j == len(ended) - 1  # losses and evaluation join the last row
                 sps = (p.step - start_step) / (time.time() - start_time)
-                row = {"charts/episodic_return": collector.ep_return, "charts/episodic_length": collector.ep_len,
-                       "charts/sps": sps, "charts/updates": p.updates}
-                if p.step >= p.next_log and p.train_metrics:
+                row = {"charts/episodic_return": ep_return, "charts/episodic_length": ep_len,
+                       "charts/env_index": env_index, "charts/sps": sps, "charts/updates": p.updates}
+                if last and p.step >= p.next_log and p.train_metrics:
                     row.update({k: float(np.mean(v)) for k, v in p.train_metrics.items()})
                     p.train_metrics, p.next_log = {}, p.next_log + args.log_every
-                if args.eval_episodes and args.eval_every and p.step >= p.next_eval and not stop:
-                    if (evaluated := evaluation(agent, "the agent")) is not None:  # else: still due, at a later end
+                if last and args.eval_episodes and args.eval_every and p.step >= p.next_eval and not stop:
+                    if (evaluated := evaluation(agent, "the agent", step)) is not None:  # else: due at a later end
                         row.update(evaluated)
-                        p.next_eval, p.last_eval = runtime.next_mark(p.step, args.eval_every), p.step
-                logger.log(p.step, row, film(p.step) if p.last_eval == p.step else None)
-                pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{collector.ep_return:.1f}", upd=p.updates, refresh=False)
+                        p.next_eval, p.last_eval = runtime.next_mark(p.step, args.eval_every), step
+                logger.log(step, row, film(step) if p.last_eval == step else None)
+                pbar.set_postfix(sps=f"{sps:.1f}", ret=f"{ep_return:.1f}", upd=p.updates, refresh=False)
             if p.step >= p.next_ckpt and not stop:  # after the row of this step: the checkpoint covers it
                 p.next_ckpt = runtime.next_mark(p.step, args.checkpoint_every)
                 run.save()
         # ---- end of training: a final evaluation and checkpoint, unless this step already has them
         if not stop and args.eval_episodes and p.last_eval != p.step:
-            if (evaluated := evaluation(agent, "the agent")) is not None:
+            if (evaluated := evaluation(agent, "the agent", p.step)) is not None:
                 logger.log(p.step, evaluated, film(p.step))
                 p.last_eval = p.step
         if stop or run.last_ckpt != p.step or logger.rows != p.rows:

@@ -101,6 +101,47 @@ def test_replay_windows_are_contiguous_and_start_an_episode():
     np.testing.assert_array_equal(a["reward"], b["reward"])
 
 
+def test_replay_streams_never_mix_and_one_stream_is_the_single_ring():
+    """N parallel envs write N streams; a window stays inside one stream (never runs from one env's frames into
+    another's) and inside its newest rows; windows are uniform over all windows held; one stream draws exactly
+    what the single ring did (offset = rng.integers(0, n - T + 1) from the oldest row)."""
+    rb = pd.Replay(capacity=90, image_shape=(2, 2, 3), action_dim=1, seed=0, streams=3)  # 30 rows per stream
+    added = {0: 70, 1: 30, 2: 12}  # stream 0 wrapped twice, stream 1 just full, stream 2 partly filled
+    for stream, n in added.items():
+        for t in range(n):  # reward = 1000 * stream + t: which env and which step a row came from
+            rb.add(np.zeros((2, 2, 3), np.uint8), [t], 1000.0 * stream + t, t == 0, False, stream=stream)
+    assert rb.lengths().tolist() == [30, 30, 12] and len(rb) == 72
+    assert rb.windows(10).tolist() == [21, 21, 3]
+    batch = rb.sample(4000, 10)
+    stream = batch["reward"][:, 0] // 1000
+    assert (batch["reward"] // 1000 == stream[:, None]).all()  # one stream per window
+    np.testing.assert_array_equal(np.diff(batch["reward"], axis=1), 1)  # consecutive rows of it
+    t0 = batch["reward"][:, 0] % 1000
+    assert (t0[stream == 0] >= 40).all() and (t0[stream == 0] <= 60).all()  # never across stream 0's write head
+    assert batch["is_first"][:, 0].all()
+    np.testing.assert_allclose(np.bincount(stream.astype(int)) / 4000, np.array([21, 21, 3]) / 45, atol=0.03)
+    with pytest.raises(AssertionError, match="no window of 40"):
+        rb.sample(1, 40)
+    # Round trip, and a checkpoint's stream count must match.
+    rb2 = pd.Replay(capacity=90, image_shape=(2, 2, 3), action_dim=1, seed=5, streams=3)
+    rb2.load_state_dict(rb.state_dict())
+    np.testing.assert_array_equal(rb.sample(8, 10)["reward"], rb2.sample(8, 10)["reward"])
+    with pytest.raises(AssertionError, match="3 streams"):
+        pd.Replay(90, (2, 2, 3), 1, seed=0, streams=2).load_state_dict(rb.state_dict())
+    # One stream: the single ring's draws, and a checkpoint written before streams existed still loads.
+    one = pd.Replay(capacity=50, image_shape=(2, 2, 3), action_dim=1, seed=7)
+    for t in range(80):
+        one.add(np.zeros((2, 2, 3), np.uint8), [t], float(t), False, False)
+    rng = np.random.default_rng(7)
+    want = 30 + rng.integers(0, 50 - 10 + 1, 16)[:, None] + np.arange(10)  # oldest row holds step 30
+    np.testing.assert_array_equal(one.sample(16, 10)["reward"], want)
+    old = dict(idx=int(one.idx[0]), full=True, rng=one.rng.bit_generator.state,
+               data={k: v[0].copy() for k, v in one.data.items()})  # the pre-streams format: one ring
+    again = pd.Replay(capacity=50, image_shape=(2, 2, 3), action_dim=1, seed=1)
+    again.load_state_dict(old)
+    np.testing.assert_array_equal(again.sample(4, 10)["reward"], one.sample(4, 10)["reward"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # World model
 # ---------------------------------------------------------------------------------------------------------
@@ -656,16 +697,16 @@ def test_feature_cache_replay_checkpoint_budget_and_acting(capsys):
     frames = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8).numpy()
     state = pd.initial_state(agent)
     for t, obs in enumerate(frames):
-        prefix = pd.add_frame(rb, agent, obs, np.zeros(2), 0.0, t == 0, False)
+        prefix = pd.add_frames(rb, agent, obs[None], np.zeros((1, 2)), [0.0], [t == 0], [False], [0])
         # Acting on the cached prefix is acting on the frame (torch.manual_seed: the same latent sample).
         torch.manual_seed(t)
-        a1, _ = pd.act(agent, obs, state, t == 0, explore=False, prefix=prefix)
+        a1, _ = pd.act(agent, obs[None], state, [t == 0], explore=False, prefix=prefix)
         torch.manual_seed(t)
-        a2, state = pd.act(agent, obs, state, t == 0, explore=False)
+        a2, state = pd.act(agent, obs[None], state, [t == 0], explore=False)
         np.testing.assert_allclose(a1, a2, atol=1e-5)
     with torch.no_grad():
         want = enc.prefix(torch.as_tensor(frames)).half().numpy()
-    np.testing.assert_array_equal(rb.data["feat"][:12], want)
+    np.testing.assert_array_equal(rb.data["feat"][0, :12], want)  # stream 0
     assert rb.sample(3, 5)["feat"].shape == (3, 5, *shape)
     # The checkpointed replay holds the cache; a replay without a cache drops it; the reverse refills it.
     saved = rb.state_dict()
@@ -675,4 +716,4 @@ def test_feature_cache_replay_checkpoint_budget_and_acting(capsys):
     cached = pd.Replay(20, (32, 32, 3), 2, seed=0, feat_shape=shape)
     assert not cached.load_state_dict(plain.state_dict())
     cached.fill_cache(enc, "cpu", chunk=5)
-    np.testing.assert_array_equal(cached.data["feat"][:12], want)
+    np.testing.assert_array_equal(cached.data["feat"][0, :12], want)

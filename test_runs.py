@@ -647,6 +647,33 @@ def test_resume_at_an_episode_end_reproduces_the_uninterrupted_run(tmp_path, cap
         assert torch.equal(a["agent"][k], b["agent"][k]), k
 
 
+def test_four_envs_resume_every_stream_and_log_each_episode(tmp_path, capsys):
+    """--num-envs 4: four pointmass envs in their own processes, stepped together. Stopping at step 100 (where
+    all four episodes end) and resuming reproduces the uninterrupted run: the checkpoint holds every env's
+    generators and every replay stream. Each ended episode is a row of its own, with its env index, at its own
+    step (env i's step of a vector step is step0 + i + 1); the four streams hold one env's frames each."""
+    flags = [*SURVIVE, "--num-envs", "4", "--logdir", str(tmp_path), "--checkpoint-every", "100",
+             "--keep-checkpoints", "5"]
+    assert main_in_process([*flags, "--run-name", "a", "--total-steps", "200"], capsys)[0] == 0
+    assert main_in_process([*flags, "--run-name", "b", "--total-steps", "100"], capsys)[0] == 0
+    code, _, err = main_in_process([*flags, "--resume", str(tmp_path / "b"), "--total-steps", "200"], capsys)
+    assert code == 0, err
+    rows = [[{k: v for k, v in r.items() if k != "charts/sps"} for r in read_rows(tmp_path / n)] for n in "ab"]
+    assert rows[0] == rows[1]
+    ends = [(r["step"], r["charts/env_index"]) for r in rows[0] if "charts/env_index" in r]
+    assert ends == [(97, 0), (98, 1), (99, 2), (100, 3), (197, 0), (198, 1), (199, 2), (200, 3)]
+    a, b = (runtime.read_checkpoint(tmp_path / n / "checkpoints" / "ckpt_000000200.pt") for n in "ab")
+    assert a["updates"] == b["updates"] > 0 and len(a["rng"]["env"]) == 4
+    for k in a["agent"]:
+        assert torch.equal(a["agent"][k], b["agent"][k]), k
+    streams = a["replay"]["data"]["image"]
+    assert len(streams) == 4 and all(len(x) == 2 * (1 + 25) for x in streams)  # per env: 2 x (reset + 25 steps)
+    for key, per_stream in a["replay"]["data"].items():
+        for x, y in zip(per_stream, b["replay"]["data"][key]):
+            np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(streams[0][1], streams[1][1])  # different envs, different starts
+
+
 def test_a_run_that_is_being_written_cannot_be_resumed_twice(tmp_path, capsys):
     """While one process trains into RUN (here: this test holds RUN/.lock the way a live run does), --resume
     of RUN stops with one line and writes nothing; once the holder lets go, the resume works."""
