@@ -4,12 +4,17 @@
   python bench.py --device cuda --batch-size 16 --batch-length 64 --updates 10    # the agent's batch, on a GPU
   python bench.py --quick                  # smoke test: tiny random models, 32x32, seconds
   python bench.py --only cnn,dinov2-frozen --pvm-sizes 224 --updates 5 --device cuda
+  python bench.py --only cnn,dinov2-frozen,clip-frozen --pvm-sizes 224 --num-envs 1,4,8   # parallel envs
 
 An iteration is what `train()` does per update at --train-ratio: collect B*T/ratio env steps (act, feature-cache
 entry, replay.add), then one `train_step` (world model + actor-critic). Each row runs `--warmup` iterations,
 then `--updates` timed ones. PVMs are the REAL architectures (dinov2-small, clip-vit-base-patch32) with RANDOM
 weights (--pvm-random-init): speed and memory do not depend on the weights. Rows marked "off" run with
 --no-feature-cache, so the cache's gain is visible.
+With N envs (--num-envs, one process each for N > 1, as in train()) an iteration collects V steps of all N envs
+and runs the U updates they owe (V = ceil(B*T/ratio / N), U = V*N / (B*T/ratio)); "s/update" is per update.
+"encoder ms/frame" is the encoder's time during collection (the PVM's frozen prefix for the feature cache plus
+the trained part, or the CNN) over the frames collected: batching N frames into one call is what cuts it.
 Memory: each row runs in its own process, forked from this one after the imports and before anything is
 built, so its peak RSS (ru_maxrss) is that row's alone on top of the same imported libraries.
 Time: wall clock (env-steps/s, updates/s, s/update) and the row process's CPU time (user+sys, all threads). On
@@ -42,36 +47,51 @@ def run_row(spec: dict) -> dict:
     args = pd.Args(**spec["args"])
     device = runtime.resolve_device(args.device)
     runtime.seed_everything(0, False)
-    env = pd.make_run_env(args)
+    env = pd.make_train_envs(args)
     action_dim = env.action_space.shape[0]
     agent = pd.Dreamer(pd.make_encoder(args), action_dim, args).to(device)
     opt = pd.make_optimizers(agent, args)
     replay = pd.Replay(args.replay_size, env.observation_space.shape, action_dim, 0,
-                       pd.feature_cache_shape(agent.wm.encoder, args))
+                       pd.feature_cache_shape(agent.wm.encoder, args), streams=args.num_envs)
     collector = pd.Collector(agent, env, replay)  # the train() loop's env side
     collector.reset(seed=0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    enc, t_enc = agent.wm.encoder, [0.0]
+    for name in ("forward", "prefix", "from_prefix"):  # time the encoder's calls (instance attributes shadow them)
+        if hasattr(enc, name):
+            def timed(*a, _f=getattr(enc, name), **kw):
+                sync(); t = time.perf_counter()
+                out = _f(*a, **kw)
+                sync(); t_enc[0] += time.perf_counter() - t
+                return out
+            setattr(enc, name, timed)
 
     def collect(n: int, policy: bool):
         for _ in range(n):
             collector.step(random_action=not policy)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    collect(args.batch_length, policy=False)  # one window of random prefill, as learning_starts does
-    steps = spec["steps_per_update"]
+    n_envs, steps = args.num_envs, spec["steps_per_update"]
+    vec_steps = -(-steps // n_envs)  # V: steps of all N envs per iteration
+    updates = max(1, round(vec_steps * n_envs / steps))  # U: the updates they owe at --train-ratio
+    collect(args.batch_length, policy=False)  # random prefill: a window in every stream, as learning_starts does
     t_collect = t_train = cpu0 = 0.0
     for i in range(spec["warmup"] + spec["updates"]):
         if i == spec["warmup"]:
-            t_collect, t_train, cpu0 = 0.0, 0.0, time.process_time()
+            t_collect, t_train, cpu0, t_enc[0] = 0.0, 0.0, time.process_time(), 0.0
         sync(); t0 = time.perf_counter()
-        collect(steps, policy=True)
+        collect(vec_steps, policy=True)
         sync(); t1 = time.perf_counter()
-        pd.train_step(agent, opt, pd.to_torch(replay.sample(args.batch_size, args.batch_length), device))
+        for _ in range(updates):
+            pd.train_step(agent, opt, pd.to_torch(replay.sample(args.batch_size, args.batch_length), device))
         sync(); t2 = time.perf_counter()
         t_collect, t_train = t_collect + t1 - t0, t_train + t2 - t1
     env.close()
-    total, n, cpu = t_collect + t_train, spec["updates"], time.process_time() - cpu0
-    return dict(s_update=total / n, cpu_s_update=cpu / n, updates_s=n / total, env_steps_s=n * steps / total, collect_frac=t_collect / total,
-                rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
+    total, n, cpu = t_collect + t_train, spec["updates"] * updates, time.process_time() - cpu0
+    frames = spec["updates"] * vec_steps * n_envs
+    return dict(s_update=total / n, cpu_s_update=cpu / n, updates_s=n / total, env_steps_s=frames / total,
+                collect_frac=t_collect / total, enc_ms_frame=1e3 * t_enc[0] / frames,
+                rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB; this process
+                env_rss_gb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20 if n_envs > 1 else 0.0,
                 cuda_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
                 cached="feat" in replay.data)
 
@@ -98,8 +118,10 @@ def make_specs(o) -> list[dict]:
     base = dict(env=o.env, image_size=32 if quick else o.image_size, size="tiny" if quick else o.size,
                 batch_size=o.batch_size, batch_length=o.batch_length, train_ratio=o.train_ratio, device=o.device,
                 pvm_random_init=True, finetune_blocks=2 if quick else 4, torch_deterministic=False)
+    nums = [int(n) for n in o.num_envs.split(",")]
     steps = max(1, round(o.batch_size * o.batch_length / o.train_ratio))
-    replay = o.batch_length + 2 + (o.warmup + o.updates) * (steps + 1) * 2  # holds every frame the row collects
+    # The replay holds every frame a row collects (with N envs: per stream).
+    replay = lambda n: n * (o.batch_length + 2 + (o.warmup + o.updates) * (-(-steps // n) + 1) * 2)  # noqa: E731
     specs = []
     for enc in o.only.split(","):
         if enc not in ENCODERS:
@@ -107,29 +129,36 @@ def make_specs(o) -> list[dict]:
         pvm, mode = ("none", "full") if enc == "cnn" else enc.split("-")
         patch = 1 if pvm == "none" else pd.PVM_ARCHS[pd.pvm_source(pvm)].get("patch_size", 14)  # sizes round down to its patch (DINOv2: 14)
         for res in ([None] if pvm == "none" else [32] if quick else [int(r) // patch * patch for r in o.pvm_sizes.split(",")]):
-            for cache in ([True, False] if mode != "full" and pvm != "none" else [True]):
-                a = dict(base, pvm=pvm, mode=mode, replay_size=replay, feature_cache=cache,
-                         pvm_id="tiny" if quick else "", pvm_image_size=res or 224)
-                specs.append(dict(name=enc, res=res, args=a, steps_per_update=steps, warmup=o.warmup, updates=o.updates))
+            for cache in ([True, False] if mode != "full" and pvm != "none" and not o.cache_on_only else [True]):
+                for n in nums:
+                    a = dict(base, pvm=pvm, mode=mode, replay_size=replay(n), feature_cache=cache, num_envs=n,
+                             pvm_id="tiny" if quick else "", pvm_image_size=res or 224)
+                    specs.append(dict(name=enc, res=res, args=a, steps_per_update=steps, warmup=o.warmup,
+                                      updates=o.updates))
     return specs
 
 
 def table_head(cuda: bool) -> str:
-    head = ["encoder", "PVM res", "feature cache", "env-steps/s", "updates/s", "s/update", "CPU s/update",
-            "x CNN", "collect share", "peak RSS GB"] + (["CUDA max alloc GB"] if cuda else [])
+    head = ["encoder", "PVM res", "feature cache", "envs", "env-steps/s", "÷ CNN's", "updates/s", "s/update",
+            "CPU s/update", "x CNN", "collect share", "encoder ms/frame", "peak RSS GB", "env workers GB"] \
+        + (["CUDA max alloc GB"] if cuda else [])
     return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
 
 
 def table_row(s: dict, r: dict, cnn: dict | None, cuda: bool) -> str:
     """On a CPU the ratio to the CNN uses CPU seconds (process time): on a shared machine wall time also counts
-    whatever else ran, CPU time only this row's work. On a GPU it uses wall time."""
+    whatever else ran, CPU time only this row's work. On a GPU it uses wall time. "÷ CNN's": env-steps/s over
+    the CNN row's with the same number of envs (wall clock). "env workers GB": the largest env process's peak
+    RSS (N > 1; each of the N has about that)."""
     key = "s_update" if cuda else "cpu_s_update"
-    cache = "-" if s["args"]["pvm"] == "none" or s["args"]["mode"] == "full" else ("on" if r.get("cached") else "off")
+    cache = "-" if s["args"]["pvm"] == "none" or s["args"]["mode"] == "full" else ("on" if r.get("cached", s["args"]["feature_cache"]) else "off")
     if "error" in r:
         return f"| {s['name']} | {s['res'] or '-'} | {cache} | error: {r['error']} |"
-    cells = [s["name"], s["res"] or "-", cache, f"{r['env_steps_s']:.2f}", f"{r['updates_s']:.3f}",
+    cells = [s["name"], s["res"] or "-", cache, s["args"]["num_envs"], f"{r['env_steps_s']:.2f}",
+             f"{r['env_steps_s'] / cnn['env_steps_s']:.2f}" if cnn else "-", f"{r['updates_s']:.3f}",
              f"{r['s_update']:.3f}", f"{r['cpu_s_update']:.3f}", f"{r[key] / cnn[key]:.1f}" if cnn else "-",
-             f"{r['collect_frac']:.0%}", f"{r['rss_gb']:.2f}"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
+             f"{r['collect_frac']:.0%}", f"{r['enc_ms_frame']:.1f}", f"{r['rss_gb']:.2f}",
+             f"{r['env_rss_gb']:.2f}" if r["env_rss_gb"] else "-"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
@@ -151,6 +180,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per row")
     p.add_argument("--updates", type=int, default=2, help="timed iterations (updates) per row")
     p.add_argument("--no-nm512", action="store_true", help="skip the NM512 comparison update")
+    p.add_argument("--num-envs", default="1", help="comma list of --num-envs values to time (each a row)")
+    p.add_argument("--cache-on-only", action="store_true", help="skip the --no-feature-cache rows")
     o = p.parse_args(argv)
     if o.quick:
         o.batch_size, o.batch_length, o.train_ratio, o.warmup, o.updates = 2, 8, 4.0, 1, 2
@@ -166,12 +197,13 @@ def main(argv=None):
           f"env {o.env} {specs[0]['args']['image_size']}px, size {specs[0]['args']['size']}, device {o.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; PVMs RANDOM-INIT", flush=True)
     print("\n" + table_head(cuda), flush=True)
-    rows, cnn = [], None
+    rows, cnn = [], {}  # the CNN's row per number of envs
     for spec in specs:  # each row is printed as soon as it is measured
         rows.append((spec, run_fresh(spec)))
+        n = spec["args"]["num_envs"]
         if spec["name"] == "cnn" and "error" not in rows[-1][1]:
-            cnn = rows[-1][1]
-        print(table_row(*rows[-1], cnn, cuda), flush=True)
+            cnn[n] = rows[-1][1]
+        print(table_row(*rows[-1], cnn.get(n), cuda), flush=True)
     if not (o.quick or o.no_nm512):
         nm = dict(name="nm512", res=None, warmup=1, updates=o.updates, steps_per_update=32,
                   args=dict(env=o.env, image_size=64, size="nm512", batch_size=16, batch_length=64, train_ratio=32.0,
