@@ -77,6 +77,10 @@ class Args:
     """seed of python, numpy, torch and the environment"""
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: bfloat16 autocast of the networks' maths (PVM, world model, actor-critic) in updates and acting,
+    for GPUs with fast bf16; weights, optimiser state, losses and distributions stay fp32. CPUs run it too
+    (slowly on most: for tests)"""
     logdir: str = "runs"
     """runs are written to LOGDIR/RUN_NAME (TensorBoard events, metrics.jsonl, checkpoints/, videos/)"""
     run_name: str = ""
@@ -260,13 +264,13 @@ def twohot(y: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 def twohot_mean(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Prediction of a two-hot head: expected bin under softmax, back in raw units; (..., K) -> (...)."""
-    return symexp((logits.softmax(-1) * bins).sum(-1))
+    return symexp((logits.float().softmax(-1) * bins).sum(-1))  # .float(): in fp32 under --precision bf16 too
 
 
 def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against the two-hot code of symlog(target): regression that ignores the target's scale."""
     assert logits.shape[:-1] == target.shape, (logits.shape, target.shape)
-    return -(twohot(symlog(target), bins) * logits.log_softmax(-1)).sum(-1)
+    return -(twohot(symlog(target), bins) * logits.float().log_softmax(-1)).sum(-1)
 
 
 def lambda_return(reward, disc, value, lam):
@@ -1019,7 +1023,7 @@ class RSSM(nn.Module):
 
     def logits(self, raw: torch.Tensor) -> torch.Tensor:
         """Log-probabilities with 1% uniform mixed in ([D3] 'unimix'): keeps KL and log-probs finite."""
-        probs = raw.unflatten(-1, (self.stoch, self.classes)).softmax(-1)  # (..., S, C)
+        probs = raw.float().unflatten(-1, (self.stoch, self.classes)).softmax(-1)  # (..., S, C), fp32 always
         return torch.log((1 - self.unimix) * probs + self.unimix / self.classes)
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -1107,10 +1111,10 @@ class WorldModel(nn.Module):
         feat = torch.cat([deter, stoch], -1)  # (B, T, F)
         target = image.float() / 255.0 - 0.5  # (B, T, h, w, 3)
         losses = {
-            "rec": F.mse_loss(self.decoder(feat), target, reduction="none").sum((-3, -2, -1)),  # sum over pixels, as [D3]
+            "rec": F.mse_loss(self.decoder(feat).float(), target, reduction="none").sum((-3, -2, -1)),  # sum over pixels, as [D3]
             "rew": twohot_loss(self.reward(feat), batch["reward"], self.bins),
             "con": F.binary_cross_entropy_with_logits(
-                self.cont(feat).squeeze(-1), 1.0 - batch["is_terminal"].float(), reduction="none"),
+                self.cont(feat).squeeze(-1).float(), 1.0 - batch["is_terminal"].float(), reduction="none"),
             # KL balancing with free bits ([D3] eq. 5): the prior moves toward the posterior (dyn) faster than
             # the posterior toward the prior (rep); below free_nats neither is pushed further.
             # ABLATION POINT: the KL balance (--dyn-scale / --rep-scale) and free bits (--free-nats)
@@ -1126,7 +1130,7 @@ class WorldModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 def actor_dist(out: torch.Tensor, minstd=0.1, maxstd=1.0) -> torch.distributions.Distribution:
     """[D3]'s 'bounded_normal': mean squashed into [-1, 1] by tanh, std kept in [minstd, maxstd]."""
-    mean, std = out.chunk(2, -1)
+    mean, std = out.float().chunk(2, -1)
     std = (maxstd - minstd) * torch.sigmoid(std + 2.0) + minstd
     return torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std), 1)
 
@@ -1176,7 +1180,7 @@ class Dreamer(nn.Module):
         critic_logits = self.critic(feats)  # (H+1, N, K)
         with torch.set_grad_enabled(backprop):
             reward = twohot_mean(self.wm.reward(feats[1:]), bins)  # (H, N)
-            cont = torch.sigmoid(self.wm.cont(feats).squeeze(-1))  # (H+1, N), the start state's included
+            cont = torch.sigmoid(self.wm.cont(feats).squeeze(-1).float())  # (H+1, N), the start state's included
             disc = (1 - 1 / a.horizon) * cont[1:]  # (H, N)
             value = twohot_mean(critic_logits if backprop else critic_logits.detach(), bins)  # (H+1, N)
             ret = lambda_return(reward, disc, value, a.lam)  # (H, N)
@@ -1244,9 +1248,16 @@ def wm_loss_scales(args: Args) -> dict:
     return dict(rec=1.0, rew=1.0, con=1.0, dyn=args.dyn_scale, rep=args.rep_scale)
 
 
+def autocast(agent: Dreamer):
+    """--precision bf16: bfloat16 autocast around the forward maths (the backward follows the forward's dtypes);
+    off (a no-op) in fp32. Heads' outputs are cast back to fp32 where losses and distributions are formed."""
+    return torch.autocast(agent.wm.bins.device.type, dtype=torch.bfloat16, enabled=agent.args.precision == "bf16")
+
+
 def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
     """One world-model update on a replayed batch, then one actor-critic update in imagination."""
-    wm_losses, (deter, stoch) = agent.wm.loss(batch)
+    with autocast(agent):
+        wm_losses, (deter, stoch) = agent.wm.loss(batch)
     scales = wm_loss_scales(agent.args)
     assert set(wm_losses) == set(scales), (wm_losses.keys(), scales.keys())
     wm_loss = sum(scales[k] * v.mean() for k, v in wm_losses.items())
@@ -1260,7 +1271,8 @@ def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
 
     # Imagination starts from every posterior state of the batch, detached from the world model.
     start = (deter.detach().flatten(0, 1), stoch.detach().flatten(0, 1))  # stop-grad: (N, D), (N, S*C)
-    ac_losses, ac_metrics = agent.ac_loss(*start)
+    with autocast(agent):
+        ac_losses, ac_metrics = agent.ac_loss(*start)
     opt["actor"].zero_grad(set_to_none=True)
     opt["critic"].zero_grad(set_to_none=True)
     # inputs=: each loss updates only its own network. With --actor-grad dynamics the policy loss reaches the
@@ -1295,15 +1307,16 @@ def act(agent: Dreamer, obs: np.ndarray, state, is_first, explore: bool, prefix=
     already computed for the feature cache (see add_frames): the encoder's frozen part runs once per frame."""
     device = agent.wm.bins.device
     deter, stoch, prev_action = state
-    if prefix is not None:
-        embed = agent.wm.encoder.from_prefix(prefix, (len(prefix),))  # (N, E)
-    else:
-        embed = agent.wm.encoder(torch.as_tensor(obs, device=device))  # (N, E)
-    first = torch.as_tensor(np.asarray(is_first, bool), device=device)
-    deter, stoch, _ = agent.wm.rssm.obs_step(deter, stoch, prev_action, agent.wm.rssm.post_embed(embed), first)
-    dist = actor_dist(agent.actor(torch.cat([deter, stoch], -1)))
+    with autocast(agent):
+        if prefix is not None:
+            embed = agent.wm.encoder.from_prefix(prefix, (len(prefix),))  # (N, E)
+        else:
+            embed = agent.wm.encoder(torch.as_tensor(obs, device=device))  # (N, E)
+        first = torch.as_tensor(np.asarray(is_first, bool), device=device)
+        deter, stoch, _ = agent.wm.rssm.obs_step(deter, stoch, prev_action, agent.wm.rssm.post_embed(embed), first)
+        dist = actor_dist(agent.actor(torch.cat([deter, stoch], -1)))
     action = (dist.sample() if explore else dist.mean).clamp(-1, 1)  # (N, A)
-    return action.cpu().numpy(), (deter, stoch, action)
+    return action.cpu().numpy(), (deter.float(), stoch.float(), action)
 
 
 @torch.no_grad()
@@ -1314,7 +1327,8 @@ def add_frames(replay: Replay, agent: Dreamer, obs, action, reward, is_first, is
     replay's copy is rounded to fp16)."""
     prefix = None
     if "feat" in replay.data:
-        prefix = agent.wm.encoder.prefix(torch.as_tensor(obs, device=agent.wm.bins.device))  # (M, ...)
+        with autocast(agent):
+            prefix = agent.wm.encoder.prefix(torch.as_tensor(obs, device=agent.wm.bins.device)).float()  # (M, ...)
         feats = prefix.half().cpu().numpy()
     for j, stream in enumerate(streams):
         replay.add(obs[j], action[j], reward[j], is_first[j], is_terminal[j],
@@ -1446,10 +1460,11 @@ def evaluate_episodes(agent: Dreamer | None, env, episodes: int, video_path: str
 # Checkpoints: what a resumed run needs (the file format, atomic writes and lookup live in runtime.py)
 # ---------------------------------------------------------------------------------------------------------
 # Flags a resumed run may change: how long it trains, how often it logs, evaluates and checkpoints, where its
-# files go and which device runs it, and the feature cache (the same maths up to fp16 rounding). Every other
-# flag defines the experiment (networks, optimisers, data, objective): a checkpoint continues only with its values.
+# files go, which device runs it and at which --precision, and the feature cache (the same maths up to fp16
+# rounding). Every other flag defines the experiment (networks, optimisers, data, objective): a checkpoint
+# continues only with its values.
 RESUME_MAY_CHANGE = ("total_steps", "log_every", "eval_every", "eval_episodes", "capture_video", "checkpoint_every",
-                     "keep_checkpoints", "checkpoint_replay", "device", "torch_deterministic", "feature_cache",
+                     "keep_checkpoints", "checkpoint_replay", "device", "precision", "torch_deterministic", "feature_cache",
                      "feature_cache_gb", "logdir", "run_name", "resume", "track", "wandb_project_name",
                      "wandb_entity")
 
@@ -1703,7 +1718,13 @@ def start_run(args: Args) -> Run:
 # Main loop: collect -> replay -> train at --train-ratio, with logging, evaluation and checkpoints
 # ---------------------------------------------------------------------------------------------------------
 def to_torch(batch: dict, device) -> dict:
-    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+    """A replayed batch on the device. To a GPU through pinned (page-locked) host memory with non_blocking
+    copies, so the copy overlaps the work queued before it; on a CPU the arrays are used in place."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).pin_memory().to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def eval_video(run_dir: Path, step: int) -> Path:

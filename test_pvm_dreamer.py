@@ -717,3 +717,36 @@ def test_feature_cache_replay_checkpoint_budget_and_acting(capsys):
     assert not cached.load_state_dict(plain.state_dict())
     cached.fill_cache(enc, "cpu", chunk=5)
     np.testing.assert_array_equal(cached.data["feat"][0, :12], want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --precision bf16 (torch's CPU autocast here; on CUDA the same code path runs with CUDA's autocast)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pvm", ["none", "dinov2"])
+def test_bf16_autocast_keeps_fp32_weights_and_stays_close_to_fp32(pvm):
+    """From the same weights and batch, a bf16 update's losses are within a few % of the fp32 update's (bf16
+    keeps 8 bits of mantissa), every weight and gradient stays fp32, and the fp32 maths is untouched by the
+    autocast code (precision='fp32' runs it disabled). Acting under bf16 gives actions close to fp32's."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        args = tiny_args(pvm=pvm, mode="partial", finetune_blocks=1, precision=precision, batch_length=8)
+        agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+        opt = pd.make_optimizers(agent, args)
+        torch.manual_seed(1)
+        metrics = pd.train_step(agent, opt, fake_batch())
+        assert all(np.isfinite(v) for v in metrics.values()), metrics
+        trained = [p for p in agent.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in agent.parameters())
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in trained)
+        assert sum(p.grad is not None for p in trained) > 0.9 * len(trained)
+        torch.manual_seed(2)
+        frames = fake_batch()["image"][:, 0].numpy()  # two envs' frames
+        action, (deter, _, _) = pd.act(agent, frames, pd.initial_state(agent, 2), [True, True], explore=False)
+        assert deter.dtype == torch.float32  # the carried state stays fp32
+        out[precision] = metrics, action
+    (m32, a32), (m16, a16) = out["fp32"], out["bf16"]
+    for k in ("wm/loss_rec", "wm/loss_rew", "wm/loss_dyn", "wm/loss", "ac/loss_value"):
+        assert m16[k] == pytest.approx(m32[k], rel=0.05), k
+    assert m16["wm/loss"] != m32["wm/loss"]  # bf16 really ran
+    np.testing.assert_allclose(a16, a32, atol=0.05)
