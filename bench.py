@@ -5,6 +5,7 @@
   python bench.py --quick                  # smoke test: tiny random models, 32x32, seconds
   python bench.py --only cnn,dinov2-frozen --pvm-sizes 224 --updates 5 --device cuda
   python bench.py --only cnn,dinov2-frozen,clip-frozen --pvm-sizes 224 --num-envs 1,4,8   # parallel envs
+  python bench.py --paper --device cuda    # on a GPU, once: the paper's configuration beside its env-steps/s
 
 An iteration is what `train()` does per update at --train-ratio: collect B*T/ratio env steps (act, feature-cache
 entry, replay.add), then one `train_step` (world model + actor-critic). Each row runs `--warmup` iterations,
@@ -16,7 +17,9 @@ and runs the U updates they owe (V = ceil(B*T/ratio / N), U = V*N / (B*T/ratio))
 "encoder ms/frame" is the encoder's time during collection (the PVM's frozen prefix for the feature cache plus
 the trained part, or the CNN) over the frames collected: batching N frames into one call is what cuts it.
 Memory: each row runs in its own process, forked from this one after the imports and before anything is
-built, so its peak RSS (ru_maxrss) is that row's alone on top of the same imported libraries.
+built, so its peak RSS (ru_maxrss) is that row's alone on top of the same imported libraries. On CUDA (or with
+--spawn) rows run in spawned processes instead (CUDA cannot be re-initialised in a forked child); their RSS
+then includes the imports.
 Time: wall clock (env-steps/s, updates/s, s/update) and the row process's CPU time (user+sys, all threads). On
 a shared CPU the wall clock also counts everyone else's work, so "x CNN" is computed from CPU time there.
 """
@@ -38,6 +41,9 @@ NM512 = dict(deter=256, hidden=512, stoch=32, classes=32, depth=32, units=512, b
 NM512_MEASURED = "8.2 s / 4.8 GB"  # NM512 dreamerv3-torch, one update at this configuration, measured earlier on this CPU
 ENCODERS = [pd.encoder_label(p, m) for p in pd.PVMS for m in pd.MODES if p != "none" or m == "full"]  # cnn first
 PAPER_ENCODERS = [e for e in ENCODERS if e.split("-")[0] in ("cnn", "dinov2", "clip")]  # the default table
+# --paper: the paper's throughput on manipulation (env steps/s, its GPU, size200m), per row of the table
+PAPER_ROWS = "cnn,dinov2-frozen,dinov2-partial,dinov2-full"
+PAPER_STEPS_S = {"cnn": 26.5, "dinov2-frozen": 15.0, "dinov2-partial": 11.3, "dinov2-full": 11.3}
 
 
 def run_row(spec: dict) -> dict:
@@ -103,10 +109,11 @@ def _child(spec, conn):
         conn.send(dict(error=f"{type(e).__name__}: {e}"))
 
 
-def run_fresh(spec: dict) -> dict:
-    """run_row in a forked child: nothing built before the fork, so ru_maxrss is this row's own peak."""
+def run_fresh(spec: dict, start: str = "fork") -> dict:
+    """run_row in a child process (fork: nothing built before it, so ru_maxrss is this row's own peak; spawn:
+    a fresh interpreter, what CUDA needs)."""
     parent, child = mp.Pipe(duplex=False)
-    proc = mp.get_context("fork").Process(target=_child, args=(spec, child))
+    proc = mp.get_context(start).Process(target=_child, args=(spec, child))
     proc.start()
     out = parent.recv() if parent.poll(None) else dict(error="no result")
     proc.join()
@@ -182,7 +189,13 @@ def main(argv=None):
     p.add_argument("--no-nm512", action="store_true", help="skip the NM512 comparison update")
     p.add_argument("--num-envs", default="1", help="comma list of --num-envs values to time (each a row)")
     p.add_argument("--cache-on-only", action="store_true", help="skip the --no-feature-cache rows")
+    p.add_argument("--spawn", action="store_true", help="run rows in spawned processes (always on CUDA)")
+    p.add_argument("--paper", action="store_true", help="the paper's configuration (size200m, B16xT64, ratio 32, "
+                   "DINOv2-S at 224: cnn, frozen, partial, full), 10 timed updates, beside the paper's env-steps/s")
     o = p.parse_args(argv)
+    if o.paper:
+        o.only, o.pvm_sizes, o.size, o.batch_size, o.batch_length = PAPER_ROWS, "224", "size200m", 16, 64
+        o.train_ratio, o.image_size, o.updates, o.cache_on_only, o.no_nm512 = 32.0, 64, 10, True, True
     if o.quick:
         o.batch_size, o.batch_length, o.train_ratio, o.warmup, o.updates = 2, 8, 4.0, 1, 2
     with runtime.one_line_errors():
@@ -198,17 +211,21 @@ def main(argv=None):
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; PVMs RANDOM-INIT", flush=True)
     print("\n" + table_head(cuda), flush=True)
     rows, cnn = [], {}  # the CNN's row per number of envs
+    start = "spawn" if cuda or o.spawn else "fork"
     for spec in specs:  # each row is printed as soon as it is measured
-        rows.append((spec, run_fresh(spec)))
+        rows.append((spec, run_fresh(spec, start)))
         n = spec["args"]["num_envs"]
         if spec["name"] == "cnn" and "error" not in rows[-1][1]:
             cnn[n] = rows[-1][1]
         print(table_row(*rows[-1], cnn.get(n), cuda), flush=True)
+    if o.paper:
+        print("\npaper (Jones et al. 2025, manipulation, their GPU, size200m), env-steps/s: "
+              + ", ".join(f"{k} {v}" for k, v in PAPER_STEPS_S.items()) + " (partial and full: one figure, 11.3)")
     if not (o.quick or o.no_nm512):
         nm = dict(name="nm512", res=None, warmup=1, updates=o.updates, steps_per_update=32,
                   args=dict(env=o.env, image_size=64, size="nm512", batch_size=16, batch_length=64, train_ratio=32.0,
                             device=o.device, replay_size=64 + 2 + (1 + o.updates) * 33 * 2, torch_deterministic=False))
-        r = run_fresh(nm)
+        r = run_fresh(nm, start)
         print("\nour update at the NM512 comparison configuration (CNN, deter 256, 32x32 latents, depth 32, hidden/"
               "units 512, dense GRU, batch 16x64, 64x64, float32): "
               + (r["error"] if "error" in r else f"{r['s_update']:.2f} s/update ({r['cpu_s_update']:.2f} CPU s; "

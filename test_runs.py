@@ -782,8 +782,10 @@ def test_bench_quick_prints_one_row_per_configuration():
         assert float(r["s/update"]) > 0 and float(r["CPU s/update"]) > 0 and float(r["peak RSS GB"]) > 0.05
         assert float(r["updates/s"]) == pytest.approx(1 / float(r["s/update"]), rel=0.02)
     assert rows[0]["x CNN"] == "1.0"
-    # --num-envs: a row per N; env-steps/s against the CNN's at the same N; the env workers' memory for N > 1.
-    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--only", "cnn", "--num-envs", "1,3"],
+    # --num-envs: a row per N; env-steps/s against the CNN's at the same N; the env workers' memory for N > 1;
+    # --spawn: the rows run in spawned processes, as they must on CUDA.
+    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--only", "cnn", "--num-envs", "1,3",
+                           "--spawn"],  # rows in spawned processes: the path CUDA takes
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
