@@ -750,3 +750,23 @@ def test_bf16_autocast_keeps_fp32_weights_and_stays_close_to_fp32(pvm):
         assert m16[k] == pytest.approx(m32[k], rel=0.05), k
     assert m16["wm/loss"] != m32["wm/loss"]  # bf16 really ran
     np.testing.assert_allclose(a16, a32, atol=0.05)
+
+
+def test_compiled_cell_gives_the_eager_losses():
+    """--compile wraps RSSM.core in torch.compile (inductor, here its CPU C++ backend): two updates from the same
+    weights and batches give the eager losses to 1e-5 relative, and the eager cell stays what the state_dict
+    and the reader see."""
+    out = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        args = tiny_args(compile=compiled, batch_length=4, imag_horizon=3)
+        agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+        opt = pd.make_optimizers(agent, args)
+        for i in range(2):
+            torch.manual_seed(1 + i)
+            metrics = pd.train_step(agent, opt, fake_batch(T=4, seed=i))
+        out[compiled] = metrics, agent.state_dict()
+    (eager, sd_eager), (comp, sd_comp) = out[False], out[True]
+    assert sd_eager.keys() == sd_comp.keys()
+    for k in ("wm/loss", "wm/loss_rec", "wm/loss_dyn", "ac/loss_value", "ac/loss_policy", "ac/ret"):
+        assert comp[k] == pytest.approx(eager[k], rel=1e-5, abs=1e-7), k
