@@ -1737,11 +1737,11 @@ def eval_video(run_dir: Path, step: int) -> Path:
     return run_dir / "videos" / f"eval_{step}.mp4"
 
 
-def eval_row(agent: Dreamer | None, env, eval_env, args: Args, run_dir: Path, step: int, stop=None,
-             on_episode=None) -> dict | None:
+def eval_row(agent: Dreamer | None, env: envs.ParallelEnvs, eval_env, args: Args, run_dir: Path, step: int,
+             stop=None, on_episode=None) -> dict | None:
     """One evaluation during training (agent=None: the random policy), on eval_env; None if stop() ended it.
-    The training env's generators are put back afterwards, so where eval_env IS the training env (MetaDrive:
-    one engine per process) the training episodes still do not depend on --eval-every."""
+    env: the training envs. Where eval_env IS the training env (one MetaDrive env: one engine per process) its
+    generators are put back afterwards, so the training episodes still do not depend on --eval-every."""
     saved = envs.rng_state(eval_env) if eval_env is env.one else None
     video = str(eval_video(run_dir, step)) if args.capture_video and agent is not None else ""
     out = evaluate_episodes(agent, eval_env, args.eval_episodes, video, stop, on_episode)

@@ -552,7 +552,7 @@ def test_evaluation_leaves_the_training_run_unchanged(tmp_path, capsys):
         states[name] = runtime.read_checkpoint(runtime.checkpoint_paths(tmp_path / name)[-1])
     evals = [r for r in read_rows(tmp_path / "eval") if "eval/return_mean" in r]
     assert len(evals) >= 4 and not any("eval/return_mean" in r for r in read_rows(tmp_path / "none"))
-    a, b = states["eval"]["replay"]["data"], states["none"]["replay"]["data"]
+    a, b = ({k: v[0] for k, v in states[n]["replay"]["data"].items()} for n in ("eval", "none"))  # one env: stream 0
     first_frames = a["image"][a["is_first"]]
     assert len(first_frames) >= 4 and np.array_equal(first_frames, b["image"][b["is_first"]])
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -585,7 +585,7 @@ def test_evaluating_on_the_training_env_puts_its_generators_back(tmp_path):
     saved = envs.rng_state(env)
     expected = env.reset()[0], env.action_space.sample()
     envs.set_rng_state(env, saved)
-    row = pd.eval_row(agent, env, env, args, tmp_path, 0)
+    row = pd.eval_row(agent, envs.ParallelEnvs(env), env, args, tmp_path, 0)  # the training envs: this one env
     assert np.isfinite(row["eval/return_mean"])
     got = env.reset()[0], env.action_space.sample()
     assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
