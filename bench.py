@@ -124,7 +124,8 @@ def make_specs(o) -> list[dict]:
     quick = o.quick
     base = dict(env=o.env, image_size=32 if quick else o.image_size, size="tiny" if quick else o.size,
                 batch_size=o.batch_size, batch_length=o.batch_length, train_ratio=o.train_ratio, device=o.device,
-                pvm_random_init=True, finetune_blocks=2 if quick else 4, torch_deterministic=False)
+                pvm_random_init=True, finetune_blocks=2 if quick else 4, torch_deterministic=False,
+                grad_checkpoint=o.grad_checkpoint, precision=o.precision)
     nums = [int(n) for n in o.num_envs.split(",")]
     steps = max(1, round(o.batch_size * o.batch_length / o.train_ratio))
     # The replay holds every frame a row collects (with N envs: per stream).
@@ -190,6 +191,8 @@ def main(argv=None):
     p.add_argument("--num-envs", default="1", help="comma list of --num-envs values to time (each a row)")
     p.add_argument("--cache-on-only", action="store_true", help="skip the --no-feature-cache rows")
     p.add_argument("--spawn", action="store_true", help="run rows in spawned processes (always on CUDA)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of the trained ViT blocks")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the agent's --precision")
     p.add_argument("--paper", action="store_true", help="the paper's configuration (size200m, B16xT64, ratio 32, "
                    "DINOv2-S at 224: cnn, frozen, partial, full), 10 timed updates, beside the paper's env-steps/s")
     o = p.parse_args(argv)
@@ -208,7 +211,8 @@ def main(argv=None):
     print(f"bench: {len(specs)} rows, B={o.batch_size} T={o.batch_length} ratio={o.train_ratio} "
           f"({specs[0]['steps_per_update']} env steps/update), warm-up {o.warmup} + {o.updates} timed, "
           f"env {o.env} {specs[0]['args']['image_size']}px, size {specs[0]['args']['size']}, device {o.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; PVMs RANDOM-INIT", flush=True)
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {o.precision}"
+          f"{', grad checkpoint' if o.grad_checkpoint else ''}; PVMs RANDOM-INIT", flush=True)
     print("\n" + table_head(cuda), flush=True)
     rows, cnn = [], {}  # the CNN's row per number of envs
     start = "spawn" if cuda or o.spawn else "fork"

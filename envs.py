@@ -97,7 +97,8 @@ def make_env(name: str, image_size: int = 64, seed: int = 0, action_repeat: int 
 #                                                                 gym.make wrappers (env checker, order enforcing)
 #   gym.make_vec("pvm_dreamer/PointMass-pixels-v0", num_envs=4, vectorization_mode="async", image_size=32)
 GYM_IDS = {"pusher": "pvm_dreamer/Pusher-pixels-v0", "reacher": "pvm_dreamer/Reacher-pixels-v0",
-           "metadrive": "pvm_dreamer/MetaDrive-pixels-v0", "metadrive-topdown": "pvm_dreamer/MetaDriveTopdown-pixels-v0",
+           "metadrive": "pvm_dreamer/MetaDrive-pixels-v0",
+           "metadrive-topdown": "pvm_dreamer/MetaDriveTopdown-pixels-v0",
            "pointmass": "pvm_dreamer/PointMass-pixels-v0"}
 for _name, _id in GYM_IDS.items():
     if _id not in gym.registry:

@@ -204,3 +204,32 @@ def test_a_lora_run_resumes_and_its_adapters_reach_evaluate_and_probe(tmp_path, 
     assert pvm == "dinov2" and random_init and any(".lora_" in n for n, _ in enc.backbone.named_parameters())
     json.dumps(enc.lora_targets)  # plain names
     assert np.isfinite(enc.cls_attention(torch.zeros(1, 32, 32, 3, dtype=torch.uint8)).numpy()).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --grad-checkpoint: activation checkpointing of the ViT blocks that train
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pvm, mode", [("dinov2", "partial"), ("dinov2", "full"), ("clip", "lora")])
+def test_grad_checkpoint_changes_no_number_and_keeps_fewer_activations(pvm, mode):
+    """Same weights, same batch, fp32: the world-model losses and every gradient are those of the run without
+    checkpointing (to 1e-5), while the tensors kept for the backward pass (counted with saved_tensors_hooks:
+    what a backward pass holds in memory) are fewer bytes."""
+    out = {}
+    for ckpt in (False, True):
+        _, agent = tiny_pvm(pvm, mode, k=2, grad_checkpoint=ckpt)
+        saved = [0]
+
+        def pack(t):
+            saved[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out[ckpt] = wm_losses_and_grads(agent, fake_batch())
+        out[ckpt] += (saved[0],)
+    (l0, g0, bytes0), (l1, g1, bytes1) = out[False], out[True]
+    for k in l0:
+        torch.testing.assert_close(l1[k], l0[k], rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and any(k.startswith("encoder.backbone") for k in g0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6)
+    assert bytes1 < bytes0, (bytes1, bytes0)
