@@ -62,10 +62,12 @@ def run_row(spec: dict) -> dict:
     collector = pd.Collector(agent, env, replay)  # the train() loop's env side
     collector.reset(seed=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    enc, t_enc = agent.wm.encoder, [0.0]
+    enc, t_enc, collecting = agent.wm.encoder, [0.0], [False]
     for name in ("forward", "prefix", "from_prefix"):  # time the encoder's calls (instance attributes shadow them)
         if hasattr(enc, name):
             def timed(*a, _f=getattr(enc, name), **kw):
+                if not collecting[0]:  # an update's encoder calls are the update's, not collection's
+                    return _f(*a, **kw)
                 sync(); t = time.perf_counter()
                 out = _f(*a, **kw)
                 sync(); t_enc[0] += time.perf_counter() - t
@@ -73,8 +75,10 @@ def run_row(spec: dict) -> dict:
             setattr(enc, name, timed)
 
     def collect(n: int, policy: bool):
+        collecting[0] = True
         for _ in range(n):
             collector.step(random_action=not policy)
+        collecting[0] = False
 
     n_envs, steps = args.num_envs, spec["steps_per_update"]
     vec_steps = -(-steps // n_envs)  # V: steps of all N envs per iteration
