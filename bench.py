@@ -95,6 +95,8 @@ def run_row(spec: dict) -> dict:
             pd.train_step(agent, opt, pd.to_torch(replay.sample(args.batch_size, args.batch_length), device))
         sync(); t2 = time.perf_counter()
         t_collect, t_train = t_collect + t1 - t0, t_train + t2 - t1
+    ops = count_ops(lambda: pd.train_step(agent, opt, pd.to_torch(replay.sample(args.batch_size, args.batch_length),
+                                                               device)), device) if spec.get("count_ops") else None
     env.close()
     total, n, cpu = t_collect + t_train, spec["updates"] * updates, time.process_time() - cpu0
     frames = spec["updates"] * vec_steps * n_envs
@@ -103,7 +105,23 @@ def run_row(spec: dict) -> dict:
                 rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB; this process
                 env_rss_gb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20 if n_envs > 1 else 0.0,
                 cuda_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                cached="feat" in replay.data)
+                cached="feat" in replay.data, ops=ops)
+
+
+def count_ops(update, device) -> dict:
+    """One update under torch.profiler: how many aten op calls it makes (every call, nested ones included: the
+    device-agnostic measure of how launch-bound an update is) and, on CUDA, how many GPU kernels it launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.events()
+    aten = sum(1 for e in events if e.name.startswith("aten::"))
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if device.type == "cuda" else None
+    return dict(aten=aten, kernels=kernels)
 
 
 def _child(spec, conn):
@@ -129,7 +147,7 @@ def make_specs(o) -> list[dict]:
     base = dict(env=o.env, image_size=32 if quick else o.image_size, size="tiny" if quick else o.size,
                 batch_size=o.batch_size, batch_length=o.batch_length, train_ratio=o.train_ratio, device=o.device,
                 pvm_random_init=True, finetune_blocks=2 if quick else 4, torch_deterministic=False,
-                grad_checkpoint=o.grad_checkpoint, precision=o.precision)
+                grad_checkpoint=o.grad_checkpoint, precision=o.precision, compile=o.compile)
     nums = [int(n) for n in o.num_envs.split(",")]
     steps = max(1, round(o.batch_size * o.batch_length / o.train_ratio))
     # The replay holds every frame a row collects (with N envs: per stream).
@@ -146,14 +164,15 @@ def make_specs(o) -> list[dict]:
                     a = dict(base, pvm=pvm, mode=mode, replay_size=replay(n), feature_cache=cache, num_envs=n,
                              pvm_id="tiny" if quick else "", pvm_image_size=res or 224)
                     specs.append(dict(name=enc, res=res, args=a, steps_per_update=steps, warmup=o.warmup,
-                                      updates=o.updates))
+                                      updates=o.updates, count_ops=o.count_ops))
     return specs
 
 
-def table_head(cuda: bool) -> str:
+def table_head(cuda: bool, ops: bool = False) -> str:
     head = ["encoder", "PVM res", "feature cache", "envs", "env-steps/s", "÷ CNN's", "updates/s", "s/update",
             "CPU s/update", "x CNN", "collect share", "encoder ms/frame", "peak RSS GB", "env workers GB"] \
-        + (["CUDA max alloc GB"] if cuda else [])
+        + (["CUDA max alloc GB"] if cuda else []) + (["aten ops/update"] if ops else []) \
+        + (["CUDA kernels/update"] if ops and cuda else [])
     return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
 
 
@@ -171,6 +190,8 @@ def table_row(s: dict, r: dict, cnn: dict | None, cuda: bool) -> str:
              f"{r['s_update']:.3f}", f"{r['cpu_s_update']:.3f}", f"{r[key] / cnn[key]:.1f}" if cnn else "-",
              f"{r['collect_frac']:.0%}", f"{r['enc_ms_frame']:.1f}", f"{r['rss_gb']:.2f}",
              f"{r['env_rss_gb']:.2f}" if r["env_rss_gb"] else "-"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
+    if r.get("ops"):
+        cells += [r["ops"]["aten"]] + ([r["ops"]["kernels"]] if cuda else [])
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
@@ -196,6 +217,8 @@ def main(argv=None):
     p.add_argument("--cache-on-only", action="store_true", help="skip the --no-feature-cache rows")
     p.add_argument("--spawn", action="store_true", help="run rows in spawned processes (always on CUDA)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of the trained ViT blocks")
+    p.add_argument("--compile", action="store_true", help="the agent's --compile (torch.compile of the RSSM cell)")
+    p.add_argument("--count-ops", action="store_true", help="profile one more update: aten ops (and CUDA kernels)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the agent's --precision")
     p.add_argument("--paper", action="store_true", help="the paper's configuration (size200m, B16xT64, ratio 32, "
                    "DINOv2-S at 224: cnn, frozen, partial, full), 10 timed updates, beside the paper's env-steps/s")
@@ -217,7 +240,7 @@ def main(argv=None):
           f"env {o.env} {specs[0]['args']['image_size']}px, size {specs[0]['args']['size']}, device {o.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {o.precision}"
           f"{', grad checkpoint' if o.grad_checkpoint else ''}; PVMs RANDOM-INIT", flush=True)
-    print("\n" + table_head(cuda), flush=True)
+    print("\n" + table_head(cuda, o.count_ops), flush=True)
     rows, cnn = [], {}  # the CNN's row per number of envs
     start = "spawn" if cuda or o.spawn else "fork"
     for spec in specs:  # each row is printed as soon as it is measured
@@ -230,14 +253,18 @@ def main(argv=None):
         print("\npaper (Jones et al. 2025, manipulation, their GPU, size200m), env-steps/s: "
               + ", ".join(f"{k} {v}" for k, v in PAPER_STEPS_S.items()) + " (partial and full: one figure, 11.3)")
     if not (o.quick or o.no_nm512):
-        nm = dict(name="nm512", res=None, warmup=1, updates=o.updates, steps_per_update=32,
+        nm = dict(name="nm512", res=None, warmup=1, updates=o.updates, steps_per_update=32, count_ops=o.count_ops,
                   args=dict(env=o.env, image_size=64, size="nm512", batch_size=16, batch_length=64, train_ratio=32.0,
-                            device=o.device, replay_size=64 + 2 + (1 + o.updates) * 33 * 2, torch_deterministic=False))
+                            device=o.device, replay_size=64 + 2 + (1 + o.updates) * 33 * 2, torch_deterministic=False,
+                            compile=o.compile, precision=o.precision))
         r = run_fresh(nm, start)
         print("\nour update at the NM512 comparison configuration (CNN, deter 256, 32x32 latents, depth 32, hidden/"
               "units 512, dense GRU, batch 16x64, 64x64, float32): "
               + (r["error"] if "error" in r else f"{r['s_update']:.2f} s/update ({r['cpu_s_update']:.2f} CPU s; "
-                 f"incl. 32 env steps), peak RSS {r['rss_gb']:.2f} GB") + f"; NM512's dreamerv3-torch: {NM512_MEASURED} (measured earlier on this CPU)")
+                 f"incl. 32 env steps), peak RSS {r['rss_gb']:.2f} GB"
+                 + (f", {r['ops']['aten']} aten ops/update" if r.get("ops") else "")
+                 + (f", {r['ops']['kernels']} CUDA kernels/update" if r.get("ops") and cuda else ""))
+              + f"; NM512's dreamerv3-torch: {NM512_MEASURED} (measured earlier on this CPU)")
     return rows
 
 

@@ -783,16 +783,18 @@ def test_bench_quick_prints_one_row_per_configuration():
         assert float(r["updates/s"]) == pytest.approx(1 / float(r["s/update"]), rel=0.02)
     assert rows[0]["x CNN"] == "1.0"
     # --num-envs: a row per N; env-steps/s against the CNN's at the same N; the env workers' memory for N > 1;
-    # --spawn: the rows run in spawned processes, as they must on CUDA.
+    # --spawn: the rows run in spawned processes, as they must on CUDA; --count-ops: aten ops of one update.
     proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--only", "cnn", "--num-envs", "1,3",
-                           "--spawn"],  # rows in spawned processes: the path CUDA takes
+                           "--spawn", "--count-ops"],  # rows in spawned processes: the path CUDA takes
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
     assert [(r["encoder"], r["envs"], r["÷ CNN's"]) for r in rows] == [("cnn", "1", "1.00"), ("cnn", "3", "1.00")]
     assert all(float(r["encoder ms/frame"]) > 0 for r in rows) and rows[0]["env workers GB"] == "-"
     assert float(rows[1]["env workers GB"]) > 0.05
+    assert int(rows[0]["aten ops/update"]) == int(rows[1]["aten ops/update"]) > 1000  # N does not change an update
     bad = subprocess.run([sys.executable, str(REPO / "bench.py"), "--only", "vgg"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "vgg" in bad.stderr
