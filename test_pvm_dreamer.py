@@ -2,6 +2,7 @@
 the feature cache, and a CI-sized learning check. Offline, CPU, tiny models. Run machinery and the scripts are
 tested in test_runs.py, envs and shifts in test_envs.py; `pytest -q` runs all three in a few minutes."""
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -752,6 +753,8 @@ def test_bf16_autocast_keeps_fp32_weights_and_stays_close_to_fp32(pvm):
     np.testing.assert_allclose(a16, a32, atol=0.05)
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_cell_gives_the_eager_losses():
     """--compile wraps RSSM.core in torch.compile (inductor, here its CPU C++ backend): two updates from the same
     weights and batches give the eager losses to 1e-5 relative, and the eager cell stays what the state_dict
