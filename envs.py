@@ -44,9 +44,11 @@ MUJOCO_TASKS = {"pusher": "Pusher-v5", "reacher": "Reacher-v5"}
 MUJOCO_TASK_OF = {"PusherEnv": "pusher", "ReacherEnv": "reacher"}  # gymnasium's env classes -> our names
 # Reacher's target, drawn larger for a pixel agent (radius 0.009 m in Reacher-v5: ~1 pixel at 64x64). Visual only:
 # the target geom has no contacts (contype = conaffinity = 0) and its body's mass was fixed when the model compiled,
-# so dynamics and reward (the distance to the target's centre) are Reacher-v5's. DreamerV3's DMC reacher (easy)
-# has a 0.05 m target; 0.025 m here is ~7 pixels across at 64x64 (the camera sees 0.46 m).
-REACHER_TARGET_RADIUS = 0.025
+# so dynamics and reward (the distance to the target's centre) are Reacher-v5's. 0.05 m, as DreamerV3's DMC reacher
+# (easy): ~14 pixels across at 64x64, ~7 at 32x32 (the camera sees 0.46 m). At 0.025 m (~3 px at 32x32) the world
+# models of the README's 4000-step Reacher runs drew the target only faintly in their reconstructions; at 0.05 m
+# they drew it.
+REACHER_TARGET_RADIUS = 0.05
 # MuJoCo free-camera poses, tuned by eye on 64x64 frames so the task-relevant objects are large.
 # azimuth/elevation in degrees, distance in metres from `lookat` (world coordinates).
 CAMERAS = {
