@@ -1,6 +1,7 @@
 """Tests of the method (pvm_dreamer.py): math, replay, world model, actor-critic, PVM encoders and their modes,
 the feature cache, and a CI-sized learning check. Offline, CPU, tiny models. Run machinery and the scripts are
-tested in test_runs.py, envs and shifts in test_envs.py; `pytest -q` runs all three in a few minutes."""
+tested in test_runs.py, envs and shifts in test_envs.py, LoRA and L2-SP in test_finetune.py, the ViT families in
+test_families.py; `pytest -q` runs them all in about nine minutes."""
 import json
 import shutil
 import time
