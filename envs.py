@@ -136,7 +136,7 @@ class PixelEnv(gym.Wrapper):
 
     def __init__(self, env: gym.Env, frame_fn, close_fn, image_size: int, action_repeat: int):
         super().__init__(env)
-        self.frame_fn, self.action_repeat = frame_fn, action_repeat
+        self.frame_fn, self.action_repeat, self._last = frame_fn, action_repeat, None
         fps = env.metadata.get("render_fps") or 20  # MuJoCo's 1 / (frame_skip * timestep); pointmass/MetaDrive: 20
         self.metadata = dict(self.metadata, render_fps=fps / action_repeat)  # one frame per agent step
         # close_fn runs once: on close(), or when the env is garbage-collected unclosed. A MuJoCo env left to the
@@ -161,7 +161,7 @@ class PixelEnv(gym.Wrapper):
         return self._last
 
     def render(self):
-        return self._last.copy() if hasattr(self, "_last") else None
+        return None if self._last is None else self._last.copy()
 
     # What ParallelEnvs asks of an env in its worker process (gymnasium's VectorEnv.call / get_attr / set_attr).
     def sample_action(self) -> np.ndarray:
@@ -348,10 +348,11 @@ class ParallelEnvs:
 
             fns = [functools.partial(make_env, name, image_size, seed + i, action_repeat) for i in range(num)]
             self.vec = AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
-        src = self.one if self.one is not None else self.vec
-        self.num = 1 if self.one is not None else num
-        self.observation_space = src.observation_space if self.one is not None else src.single_observation_space
-        self.action_space = src.action_space if self.one is not None else src.single_action_space
+        if self.one is not None:
+            self.num, self.observation_space, self.action_space = 1, self.one.observation_space, self.one.action_space
+        else:
+            self.num, self.observation_space = num, self.vec.single_observation_space
+            self.action_space = self.vec.single_action_space
 
     def reset(self, index, seeds) -> np.ndarray:
         """Reset the envs in `index` (seeds: one int or None each) -> their first frames, (len(index), H, W, 3)."""
