@@ -167,6 +167,9 @@ class PixelEnv(gym.Wrapper):
     def sample_action(self) -> np.ndarray:
         return self.action_space.sample()
 
+    def goal_distances(self) -> dict | None:
+        return goal_distances(self)
+
     @property
     def rng(self) -> dict:
         return rng_state(self)
@@ -339,19 +342,23 @@ class ParallelEnvs:
     one env), so an episode's last frame is the observation of the step that ended it and nothing is skipped."""
 
     def __init__(self, env: gym.Env | None = None, *, name: str = "", num: int = 1, image_size: int = 64,
-                 seed: int = 0, action_repeat: int = 2):
+                 seed: int = 0, action_repeat: int = 2, factories=None):
+        """env: wrap this one env. Otherwise `num` envs of task `name`, env i from make_env(seed=seed + i), or
+        one env per entry of `factories` (picklable callables returning an env, e.g. functools.partials of a
+        module-level function: with spawn, each worker imports it)."""
         self.one, self.vec = env, None
-        if env is None and num == 1:
-            self.one = make_env(name, image_size, seed, action_repeat)
+        if env is None and factories is None:
+            factories = [functools.partial(make_env, name, image_size, seed + i, action_repeat) for i in range(num)]
+        if env is None and len(factories) == 1:
+            self.one = factories[0]()
         elif env is None:
             from gymnasium.vector import AsyncVectorEnv, AutoresetMode
 
-            fns = [functools.partial(make_env, name, image_size, seed + i, action_repeat) for i in range(num)]
-            self.vec = AsyncVectorEnv(fns, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
+            self.vec = AsyncVectorEnv(factories, context="spawn", autoreset_mode=AutoresetMode.DISABLED)
         if self.one is not None:
             self.num, self.observation_space, self.action_space = 1, self.one.observation_space, self.one.action_space
         else:
-            self.num, self.observation_space = num, self.vec.single_observation_space
+            self.num, self.observation_space = len(factories), self.vec.single_observation_space
             self.action_space = self.vec.single_action_space
 
     def reset(self, index, seeds) -> np.ndarray:
@@ -378,6 +385,12 @@ class ParallelEnvs:
         if self.one is not None:
             return self.one.action_space.sample()[None]
         return np.stack(self.vec.call("sample_action"))
+
+    def goal_distances(self, index) -> list[dict | None]:  # module-level goal_distances of the envs in `index`
+        if self.one is not None:
+            return [goal_distances(self.one)]
+        every = self.vec.call("goal_distances")
+        return [every[i] for i in index]
 
     def rng_states(self) -> list[dict]:
         return [rng_state(self.one)] if self.one is not None else list(self.vec.get_attr("rng"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 from dataclasses import fields
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-import envs  # noqa: F401  (first: sets the headless-rendering variables before mujoco loads)
+import envs  # first: sets the headless-rendering variables before mujoco loads
 import pvm_dreamer as pd
 import runtime
 import shifts
@@ -89,12 +90,14 @@ def parse_conditions(env: str, shift_arg: str, severity_arg: str) -> list[tuple[
 
 
 def run_condition(agent, args: pd.Args, shift: str, severity: str, episodes: int, video: str,
-                  zero_action: bool = False) -> dict:
-    """pd.evaluate_episodes on a fresh env of this condition: {returns, and final_dist / blind_dist where the
+                  zero_action: bool = False, num_envs: int = 1) -> dict:
+    """pd.evaluate_episodes on fresh envs of this condition (num_envs > 1: that many, in their own processes,
+    running episodes in parallel; the numbers do not change): {returns, and final_dist / blind_dist where the
     task has them}."""
+    make = functools.partial(shifts.make_shifted_env, args.env, shift, severity, image_size=args.image_size,
+                             seed=pd.EVAL_SEED, action_repeat=args.action_repeat)
     try:
-        env = shifts.make_shifted_env(args.env, shift, severity, image_size=args.image_size, seed=pd.EVAL_SEED,
-                                      action_repeat=args.action_repeat)
+        env = make() if num_envs == 1 else envs.ParallelEnvs(factories=[make] * num_envs)
     except (ValueError, RuntimeError) as e:
         raise UsageError(str(e)) from None
     try:
@@ -104,9 +107,10 @@ def run_condition(agent, args: pd.Args, shift: str, severity: str, episodes: int
 
 
 def evaluate_run(run: str | Path, episodes: int = 10, shift_arg: str = "all", severity_arg: str = "easy,medium,hard",
-                 capture_video: bool = False, video_shift: str = "", device: str = "cpu") -> list[dict]:
+                 capture_video: bool = False, video_shift: str = "", device: str = "cpu",
+                 num_envs: int = 1) -> list[dict]:
     """Evaluate the run's (newest) checkpoint on ID, every shift x severity and the random policy; write
-    RUN/shift_eval.json, .csv and .md; return the rows."""
+    RUN/shift_eval.json, .csv and .md; return the rows. num_envs: envs per condition, run in parallel."""
     agent, args, step, ckpt = load_agent(Path(run), device)
     run_dir = runtime.run_dir_of(ckpt)
     if not shifts.shift_names(args.env):
@@ -126,7 +130,7 @@ def evaluate_run(run: str | Path, episodes: int = 10, shift_arg: str = "all", se
         film = capture_video and policy == "agent" and (shift == "none" or f"{shift}:{sev}" == video_shift)
         video = str(run_dir / "videos" / f"shift_eval_{shift}_{sev}.mp4") if film else ""
         out = run_condition(agent if policy == "agent" else None, args, shift, sev, episodes, video,
-                            zero_action=policy == "zero")
+                            zero_action=policy == "zero", num_envs=min(num_envs, episodes))
         rets = out["returns"]
         row = dict(meta, policy=policy, shift=shift, severity=sev, mean=float(rets.mean()),
                    std=float(rets.std()), episodes=len(rets), returns=rets.tolist())
@@ -331,10 +335,15 @@ def main(argv=None):
         p.add_argument("--capture-video", action="store_true", help="first episode of ID and --video-shift as mp4")
         p.add_argument("--video-shift", default="", help="SHIFT:SEVERITY to film (default: the last one evaluated)")
         p.add_argument("--device", default="cpu", help="torch device: cpu | cuda | auto")
+        p.add_argument("--envs", type=int, default=1, help="envs per condition, each in its own process, running "
+                       "episodes in parallel (same numbers; pays off when an episode costs more than a process start)")
         a = p.parse_args(argv)
         if a.episodes < 1:
             raise UsageError(f"--episodes {a.episodes}: pass at least 1")
-        return evaluate_run(a.run, a.episodes, a.shifts, a.severities, a.capture_video, a.video_shift, a.device)
+        if a.envs < 1:
+            raise UsageError(f"--envs {a.envs}: pass at least 1 (1: the envs run in this process)")
+        return evaluate_run(a.run, a.episodes, a.shifts, a.severities, a.capture_video, a.video_shift, a.device,
+                            a.envs)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ E embedding, P image patches, W PVM width, A action dims, K two-hot bins.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shlex
 import sys
@@ -1044,9 +1045,11 @@ class RSSM(nn.Module):
         probs = raw.float().unflatten(-1, (self.stoch, self.classes)).softmax(-1)  # (..., S, C), fp32 always
         return torch.log((1 - self.unimix) * probs + self.unimix / self.classes)
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """One-hot sample (Gumbel-max) with straight-through gradients; (..., S, C) -> (..., S*C)."""
-        gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp(1e-20, 1.0)))
+    def sample(self, logits: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """One-hot sample (Gumbel-max) with straight-through gradients; (..., S, C) -> (..., S*C). uniform: the
+        U[0, 1) noise to use, logits' shape (default: drawn from torch's stream; evaluation passes its own)."""
+        uniform = torch.rand_like(logits) if uniform is None else uniform
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
         onehot = F.one_hot((logits + gumbel).argmax(-1), self.classes).to(logits.dtype)
         probs = logits.exp()
         return (onehot + probs - probs.detach()).flatten(-2)  # stop-grad: straight-through estimator
@@ -1058,12 +1061,12 @@ class RSSM(nn.Module):
         deter = self.core(deter, stoch, action)
         return deter, self.sample(self.prior(deter))
 
-    def obs_step(self, deter, stoch, action, embed_in, is_first):
-        """embed_in = post_embed(e_t), (N, hidden)."""
+    def obs_step(self, deter, stoch, action, embed_in, is_first, uniform=None):
+        """embed_in = post_embed(e_t), (N, hidden); uniform: the posterior sample's noise (see sample)."""
         keep = (~is_first).float().unsqueeze(-1)  # (N, 1): a new episode starts from the zero state
         deter = self.core(deter * keep, stoch * keep, action * keep)  # (N, D)
         logits = self.logits(self.post_net(self.post_deter(deter) + embed_in))  # (N, S, C)
-        return deter, self.sample(logits), logits
+        return deter, self.sample(logits, uniform), logits
 
     def observe(self, embed, action, is_first):
         """Filter a batch of sequences. embed (B, T, E), action (B, T, A) = prevact, is_first (B, T)."""
@@ -1322,10 +1325,11 @@ def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
 # Acting: the env side of the loop, and the one evaluation that every reported return comes from
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def act(agent: Dreamer, obs: np.ndarray, state, is_first, explore: bool, prefix=None):
+def act(agent: Dreamer, obs: np.ndarray, state, is_first, explore: bool, prefix=None, uniform=None):
     """Filter a batch of frames (N, h, w, 3), one per env, into the latent states and pick actions (N, A).
     state = (deter, stoch, prevact), each (N, ...); is_first (N,). prefix: the frames' frozen-PVM-prefix outputs,
-    already computed for the feature cache (see add_frames): the encoder's frozen part runs once per frame."""
+    already computed for the feature cache (see add_frames): the encoder's frozen part runs once per frame.
+    uniform: the latent samples' noise, (N, S, C) (evaluation's per-episode streams; default: torch's)."""
     device = agent.wm.bins.device
     deter, stoch, prev_action = state
     with autocast(agent):
@@ -1334,7 +1338,8 @@ def act(agent: Dreamer, obs: np.ndarray, state, is_first, explore: bool, prefix=
         else:
             embed = agent.wm.encoder(torch.as_tensor(obs, device=device))  # (N, E)
         first = torch.as_tensor(np.asarray(is_first, bool), device=device)
-        deter, stoch, _ = agent.wm.rssm.obs_step(deter, stoch, prev_action, agent.wm.rssm.post_embed(embed), first)
+        deter, stoch, _ = agent.wm.rssm.obs_step(deter, stoch, prev_action, agent.wm.rssm.post_embed(embed), first,
+                                                 None if uniform is None else uniform.to(device))
         dist = actor_dist(agent.actor(torch.cat([deter, stoch], -1)))
     action = (dist.sample() if explore else dist.mean).clamp(-1, 1)  # (N, A)
     return action.cpu().numpy(), (deter.float(), stoch.float(), action)
@@ -1432,48 +1437,81 @@ def evaluate_episodes(agent: Dreamer | None, env, episodes: int, video_path: str
     """`episodes` episodes with the policy's mean action (agent=None: uniform random actions, the baseline of the
     drop metric; with zero_action, the all-zero action instead) -> {returns: (episodes,)}, plus, on tasks that
     have them (envs.goal_distances: reacher, pusher), final_dist (the distance left at the episode's end) and
-    blind_dist (the blind bound of that start, measured at reset). Episode i is reset with EVAL_SEED + i, and the
-    random streams that acting draws from (torch's, for the latent samples, and the action space's) are seeded
-    with EVAL_SEED inside and restored after: a result does not depend on when it was measured, and a training
-    run's streams are untouched. reset(seed=...) reseeds the env's own generator, so pass an env that is not
-    collecting training data. stop(): checked every step; when it says True the evaluation is abandoned and None
-    returned (a training run that is being stopped). on_episode(i): called as episode i starts (a progress display)."""
-    returns, frames, final, blind = [], [], [], []
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(EVAL_SEED)
-        env.action_space.seed(EVAL_SEED)
-        for ep in range(episodes):
+    blind_dist (the blind bound of that start, measured at reset).
+    env: one env, or envs.ParallelEnvs of M envs: M episodes then run at once, with one batched act per step; an
+    env with no episode left to run is parked (reset unseeded, stepped with zero actions, ignored) until the
+    others end. Episode i is reset with EVAL_SEED + i and draws its latent samples and random actions from its
+    own generators, seeded with EVAL_SEED + i: a result depends neither on when it was measured nor on how many
+    envs ran it, and a training run's streams are untouched. reset(seed=...) reseeds an env's own generator, so
+    pass envs that are not collecting training data. stop(): checked every step; when it says True the
+    evaluation is abandoned and None returned (a training run that is being stopped). on_episode(i): called as
+    episode i starts (a progress display)."""
+    penv = env if isinstance(env, envs.ParallelEnvs) else envs.ParallelEnvs(env)
+    m, space = penv.num, penv.action_space
+    returns, final, blind = np.zeros(episodes), np.full(episodes, np.nan), np.full(episodes, np.nan)
+    slot = [None] * m  # slot[j]: the episode env j runs (None: parked)
+    noise = [None] * m  # slot j's episode's generators: torch's (latent samples), the action space's (random policy)
+    todo, frames, has_goal = iter(range(episodes)), [], False
+    obs = np.zeros((m, *penv.observation_space.shape), np.uint8)
+    is_first = np.ones(m, bool)
+    state = initial_state(agent, m) if agent is not None else None
+    if agent is not None:
+        shape = (agent.wm.rssm.stoch, agent.wm.rssm.classes)
+
+    def start(index):  # the next episodes into the envs in `index`; an env with none left is parked
+        nonlocal has_goal
+        for j in index:
+            slot[j] = next(todo, None)
+        obs[index] = penv.reset(index, [None if slot[j] is None else EVAL_SEED + slot[j] for j in index])
+        is_first[index] = True
+        for j, dist in zip(index, penv.goal_distances(index)):
+            ep = slot[j]
+            if ep is None:
+                continue
             if on_episode is not None:
                 on_episode(ep)
-            obs, _ = env.reset(seed=EVAL_SEED + ep)
-            dist = envs.goal_distances(env)
+            acts = copy.deepcopy(space)
+            acts.seed(EVAL_SEED + ep)
+            noise[j] = (torch.Generator().manual_seed(EVAL_SEED + ep), acts)
             if dist is not None:
-                blind.append(dist["blind"])
-            state = initial_state(agent) if agent is not None else None
-            done, is_first, total = False, True, 0.0
-            while not done:
-                if stop is not None and stop():
-                    return None
-                if video_path and ep == 0:
-                    frames.append(obs)
-                if agent is None:
-                    action = np.zeros(env.action_space.shape, np.float32) if zero_action else env.action_space.sample()
-                else:
-                    action, state = act(agent, obs[None], state, [is_first], explore=False)
-                    action = action[0]
-                obs, reward, terminated, truncated, _ = env.step(action)
-                total, is_first, done = total + float(reward), False, terminated or truncated
-            returns.append(total)
-            if dist is not None:
-                final.append(envs.goal_distances(env)["dist"])
+                blind[ep], has_goal = dist["blind"], True
+
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(EVAL_SEED)  # nothing should draw from it; if something does, it is deterministic
+        if episodes:
+            start(list(range(m)))
+        while any(ep is not None for ep in slot):
+            if stop is not None and stop():
+                return None
+            if video_path and slot[0] == 0:  # episode 0 always runs on env 0
+                frames.append(obs[0].copy())
+            running = [j for j in range(m) if slot[j] is not None]
+            actions = np.zeros((m, *space.shape), np.float32)
+            if agent is not None:
+                uniform = torch.stack([torch.rand(shape, generator=noise[j][0]) if slot[j] is not None
+                                       else torch.full(shape, 0.5) for j in range(m)])  # (M, S, C)
+                actions, state = act(agent, obs, state, is_first, explore=False, uniform=uniform)
+            elif not zero_action:
+                for j in running:
+                    actions[j] = noise[j][1].sample()
+            obs[:], reward, terminated, truncated = penv.step(actions)
+            is_first[:] = False
+            for j in running:
+                returns[slot[j]] += float(reward[j])
+            ended = [j for j in range(m) if terminated[j] or truncated[j]]
+            if ended:
+                for j, dist in zip(ended, penv.goal_distances(ended)):
+                    if slot[j] is not None and dist is not None:
+                        final[slot[j]] = dist["dist"]
+                start(ended)
     if frames:
         import imageio
 
         Path(video_path).parent.mkdir(parents=True, exist_ok=True)
         imageio.mimsave(video_path, frames, fps=20, macro_block_size=1)
-    out = dict(returns=np.array(returns))
-    if final:
-        out.update(final_dist=np.array(final), blind_dist=np.array(blind))
+    out = dict(returns=returns)
+    if has_goal:
+        out.update(final_dist=final, blind_dist=blind)
     return out
 
 
@@ -1622,6 +1660,17 @@ def make_train_envs(args: Args) -> envs.ParallelEnvs:
         name=args.env, num=args.num_envs, image_size=args.image_size, seed=args.seed, action_repeat=args.action_repeat))
 
 
+def make_eval_envs(args: Args):
+    """Evaluation's envs, never the training ones: with --num-envs N > 1, min(N, --eval-episodes) envs in their
+    own processes, whose episodes run in parallel (evaluate_episodes); with one, make_run_env's env. Every eval
+    env is built alike (evaluation seeds each episode's reset, not the env)."""
+    m = min(args.num_envs, args.eval_episodes)
+    if m <= 1:
+        return make_run_env(args)
+    make = functools.partial(envs.make_env, args.env, args.image_size, args.seed, args.action_repeat)
+    return _env_or_usage_error(args, lambda: envs.ParallelEnvs(factories=[make] * m))
+
+
 def _env_or_usage_error(args: Args, make):
     try:
         return make()
@@ -1657,7 +1706,7 @@ class Run:
     opt: dict
     replay: Replay
     env: envs.ParallelEnvs  # the training envs
-    eval_env: object  # evaluation's env (with one MetaDrive env: the training env itself)
+    eval_env: object  # evaluation's env or envs.ParallelEnvs (with one MetaDrive env: the training env itself)
     p: runtime.Progress
     lock: runtime.RunLock
     logger: runtime.Logger | None = None
@@ -1698,7 +1747,7 @@ def start_run(args: Args) -> Run:
         # MetaDrive's engine is one per process: with one env, in this process, evaluation shares it and
         # eval_row puts its generators back (with N > 1 the training envs live in their own processes).
         if args.eval_episodes and (args.env not in envs.ONE_PER_PROCESS or args.num_envs > 1):
-            eval_env = make_run_env(args)
+            eval_env = make_eval_envs(args)
         action_dim = env.action_space.shape[0]
         agent = Dreamer(encoder, action_dim, args).to(device)
         opt = make_optimizers(agent, args)

@@ -1,5 +1,6 @@
 """Tests of runs and the scripts on top of the method: the command line, logs, checkpoints, resume, kills and
 signals (runtime.py), one evaluation path, evaluate.py, probe.py, bench.py and sweep.py. Offline, CPU."""
+import functools
 import json
 import os
 import subprocess
@@ -572,6 +573,32 @@ def test_evaluation_is_deterministic_and_restores_torch_rng():
     assert np.array_equal(pd.evaluate(agent, env, 2), first)  # whatever the caller's seed
     assert np.array_equal(pd.evaluate(None, env, 2), pd.evaluate(None, env, 2))
     env.close()
+
+
+def test_evaluation_gives_the_same_numbers_on_one_env_or_several_in_parallel():
+    """Each evaluation episode has its own reset seed and its own latent-sample and random-action streams, so
+    running 4 episodes on 3 envs in parallel (episode 3 runs on env 0 while envs 1 and 2 are parked) gives what
+    one env gives running them one after another, for the agent, random and zero actions; the goal distances
+    too. Only the batch size of the agent's matmuls differs, hence the tolerance. And episode i does not depend
+    on how many episodes were asked for."""
+    torch.manual_seed(0)
+    args = tiny_args(env="reacher")
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    make = functools.partial(envs.make_env, "reacher", args.image_size, 0, args.action_repeat)
+    one, three = make(), envs.ParallelEnvs(factories=[make] * 3)
+    try:
+        for policy, zero in ((agent, False), (None, False), (None, True)):
+            a = pd.evaluate_episodes(policy, one, 4, zero_action=zero)
+            b = pd.evaluate_episodes(policy, three, 4, zero_action=zero)
+            assert set(a) == set(b) == {"returns", "final_dist", "blind_dist"}
+            for key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6)
+            assert len(set(np.round(a["returns"], 6))) == 4  # four different starts, not one start four times
+        head = pd.evaluate_episodes(agent, one, 2)["returns"]
+        np.testing.assert_array_equal(head, pd.evaluate_episodes(agent, one, 4)["returns"][:2])
+    finally:
+        one.close()
+        three.close()
 
 
 def test_evaluating_on_the_training_env_puts_its_generators_back(tmp_path):
