@@ -228,8 +228,20 @@ def test_evaluate_command_writes_the_table(tiny_run, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_evaluate_py_in_parallel_envs_gives_the_same_table(tiny_run):
+    """evaluate.py --envs 2 runs each condition's episodes on two shifted envs in their own processes: the same
+    returns as one env in this process, for the agent, the random policy and a shift."""
+    rows = {}
+    for m in (1, 2):
+        ev.main([str(tiny_run), "--episodes", "3", "--shifts", "color", "--severities", "hard", "--envs", str(m)])
+        rows[m] = json.loads((tiny_run / "shift_eval.json").read_text())["rows"]
+    assert [(r["policy"], r["shift"]) for r in rows[1]] == [(r["policy"], r["shift"]) for r in rows[2]]
+    for a, b in zip(rows[1], rows[2]):
+        np.testing.assert_allclose(a["returns"], b["returns"], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("flags,needle", [(["--shifts", "fog"], "camera"), (["--severities", "extreme"], "medium"),
-                                          (["--episodes", "0"], "at least 1")])
+                                          (["--episodes", "0"], "at least 1"), (["--envs", "0"], "at least 1")])
 def test_evaluate_bad_input_is_one_line(tiny_run, flags, needle):
     proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), str(tiny_run), *flags], capture_output=True,
                           text=True, timeout=300)
