@@ -1451,7 +1451,7 @@ def evaluate_episodes(agent: Dreamer | None, env, episodes: int, video_path: str
     returns, final, blind = np.zeros(episodes), np.full(episodes, np.nan), np.full(episodes, np.nan)
     slot = [None] * m  # slot[j]: the episode env j runs (None: parked)
     noise = [None] * m  # slot j's episode's generators: torch's (latent samples), the action space's (random policy)
-    todo, frames, has_goal = iter(range(episodes)), [], False
+    todo, frames = iter(range(episodes)), []
     obs = np.zeros((m, *penv.observation_space.shape), np.uint8)
     is_first = np.ones(m, bool)
     state = initial_state(agent, m) if agent is not None else None
@@ -1459,9 +1459,10 @@ def evaluate_episodes(agent: Dreamer | None, env, episodes: int, video_path: str
         shape = (agent.wm.rssm.stoch, agent.wm.rssm.classes)
 
     def start(index):  # the next episodes into the envs in `index`; an env with none left is parked
-        nonlocal has_goal
         for j in index:
             slot[j] = next(todo, None)
+        if all(ep is None for ep in slot):
+            return  # the evaluation is over: no env is stepped again, so none is reset
         obs[index] = penv.reset(index, [None if slot[j] is None else EVAL_SEED + slot[j] for j in index])
         is_first[index] = True
         for j, dist in zip(index, penv.goal_distances(index)):
@@ -1474,12 +1475,11 @@ def evaluate_episodes(agent: Dreamer | None, env, episodes: int, video_path: str
             acts.seed(EVAL_SEED + ep)
             noise[j] = (torch.Generator().manual_seed(EVAL_SEED + ep), acts)
             if dist is not None:
-                blind[ep], has_goal = dist["blind"], True
+                blind[ep] = dist["blind"]
 
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(EVAL_SEED)  # nothing should draw from it; if something does, it is deterministic
-        if episodes:
-            start(list(range(m)))
+        start(list(range(m)))
         while any(ep is not None for ep in slot):
             if stop is not None and stop():
                 return None
@@ -1510,7 +1510,7 @@ def evaluate_episodes(agent: Dreamer | None, env, episodes: int, video_path: str
         Path(video_path).parent.mkdir(parents=True, exist_ok=True)
         imageio.mimsave(video_path, frames, fps=20, macro_block_size=1)
     out = dict(returns=returns)
-    if has_goal:
+    if not np.isnan(blind).all():  # a task with a goal (with none, every entry stays NaN)
         out.update(final_dist=final, blind_dist=blind)
     return out
 
