@@ -11,6 +11,15 @@ holds --mass of the attention (see top_mass_mask), upsampled to the PVM's input;
 segmentation render, put through the same resize + crop as the frame (PVMEncoder.preprocess), so both masks live
 in what the PVM sees. Frames come from uniform-random actions, every STRIDE-th step of seeded episodes.
 MetaDrive has no segmentation render here, so it is unsupported; pointmass's mask is its two dots.
+
+Does the agent's world model draw what it must see? (any encoder, CNN included; reacher and pusher)
+
+  python probe.py --checkpoint runs/reacher__cnn__1__1712345678 --reconstruction   # Reacher's target; Pusher's puck
+
+The world model filters held-out random-action episodes and decodes each frame from its posterior state; the score
+is how much of the part's pixel error a frame with the part hidden would have that the reconstruction removes
+(see part_drawn): 1 = drawn exactly, 0 = no better than leaving it out. Beside it, the same score for another
+episode's reconstruction (a part elsewhere): what a model that draws the scene but not where the part is gets.
 """
 from __future__ import annotations
 
@@ -176,6 +185,84 @@ def build_encoder(a) -> tuple[pd.PVMEncoder, str, bool]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# What the world model draws: is the part the agent must see in its reconstructions?
+# ---------------------------------------------------------------------------------------------------------
+SEEN_PART = {"reacher": "goal", "pusher": "object"}  # shifts.PARTS names: Reacher's target, Pusher's puck
+RECON_SEED = 30_000  # held-out episodes: neither training's seeds nor evaluation's (pd.EVAL_SEED)
+
+
+def collect_episodes(env_name: str, episodes: int, image_size: int, action_repeat: int, seed: int = RECON_SEED):
+    """Whole uniform-random-action episodes, as the replay holds them, with the SEEN_PART's ground truth:
+    frames (E, L, h, w, 3) uint8, actions (E, L, A) (row t: the action that led to frame t; row 0: zeros),
+    masks (E, L, h, w) of the part's visible pixels, and blanks (E, L, h, w, 3): each frame re-rendered with the
+    part hidden (alpha 0), i.e. the same scene with nothing where the part was. Episode e resets with seed + e."""
+    if env_name not in SEEN_PART:
+        raise UsageError(f"--reconstruction scores {' or '.join(SEEN_PART)} (the part an agent must see): "
+                         f"{env_name} has none; pass --env reacher or --env pusher")
+    env = envs.make_env(env_name, image_size=image_size, seed=seed, action_repeat=action_repeat)
+    model, viewer = env.unwrapped.model, env.unwrapped.mujoco_renderer.viewer
+    geoms = np.array(shifts.part_geoms(model, env_name)[SEEN_PART[env_name]])
+    alpha = model.geom_rgba[geoms, 3].copy()
+    out = {k: [] for k in ("frames", "actions", "masks", "blanks")}
+    try:
+        for e in range(episodes):
+            obs, _ = env.reset(seed=seed + e)
+            rows = {k: [] for k in out}
+            action, done = np.zeros(env.action_space.shape, np.float32), False
+            while True:
+                rows["frames"].append(obs)
+                rows["actions"].append(action)
+                rows["masks"].append(mujoco_segmentation(env, geoms))
+                model.geom_rgba[geoms, 3] = 0.0
+                try:
+                    viewer.make_context_current()
+                    rows["blanks"].append(viewer.render("rgb_array").copy())
+                finally:
+                    model.geom_rgba[geoms, 3] = alpha
+                if done:
+                    break
+                action = env.action_space.sample().astype(np.float32)
+                obs, _, terminated, truncated, _ = env.step(action)
+                done = terminated or truncated
+            for k in out:
+                out[k].append(np.stack(rows[k]))
+    finally:
+        env.close()
+    return tuple(np.stack(out[k]) for k in ("frames", "actions", "masks", "blanks"))
+
+
+@torch.no_grad()
+def reconstruct(agent: pd.Dreamer, frames: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """The world model's reconstruction of each frame (E, L, h, w, 3) uint8, decoded from the posterior state that
+    filtering the episode up to and including that frame gives (as WorldModel.loss decodes during training)."""
+    device = agent.wm.bins.device
+    image = torch.as_tensor(frames, device=device)
+    is_first = torch.zeros(frames.shape[:2], dtype=torch.bool, device=device)
+    is_first[:, 0] = True
+    with pd.autocast(agent):
+        deter, stoch, _ = agent.wm.rssm.observe(agent.wm.encoder(image), torch.as_tensor(actions, device=device),
+                                                is_first)
+        rec = agent.wm.decoder(torch.cat([deter, stoch], -1)).float()  # frame / 255 - 0.5
+    return ((rec + 0.5) * 255.0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def part_drawn(rec: np.ndarray, frames: np.ndarray, masks: np.ndarray, blanks: np.ndarray) -> dict:
+    """score = 1 - SSE(rec, frame) / SSE(blank, frame), both summed over the part's pixels of every frame: the share
+    of the error of a reconstruction that leaves the part out which this one removes (1: the part drawn exactly;
+    0: no better than leaving it out; below 0: worse). control = the same score for the reconstruction of the next
+    episode (episodes rolled by one): a reconstruction of the same kind of scene with the part somewhere else. A
+    world model that has learnt the scene but not where the part is scores near its control."""
+    assert rec.shape == frames.shape == blanks.shape and masks.shape == frames.shape[:-1], (rec.shape, masks.shape)
+    if len(frames) < 2 or not masks.any():
+        raise UsageError("the reconstruction probe needs at least 2 episodes with the part in view: raise --episodes")
+    x = frames.astype(np.float64)
+    sse = lambda y: float(((y.astype(np.float64) - x) ** 2).sum(-1)[masks].sum())  # noqa: E731
+    blank = sse(blanks)
+    return dict(score=1.0 - sse(rec) / blank, control=1.0 - sse(np.roll(rec, 1, axis=0)) / blank,
+                part_pixels=float(masks.sum(axis=(-2, -1)).mean()))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------
 def save_grid(results: dict, path: str, title: str, rows: int = 4):
@@ -227,7 +314,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="probe.png", help="PNG grid; the numbers go to the same name .json")
+    p.add_argument("--reconstruction", action="store_true",
+                   help="score whether the --checkpoint's world model draws the part it must see (see part_drawn)")
+    p.add_argument("--episodes", type=int, default=10, help="held-out episodes for --reconstruction")
     a = p.parse_args(argv)
+    if a.reconstruction:
+        return main_reconstruction(a)
     with runtime.one_line_errors():
         if not 0 < a.mass <= 1 or a.frames < 1:
             raise UsageError(f"--mass {a.mass} must be in (0, 1] and --frames {a.frames} at least 1")
@@ -252,6 +344,54 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     save_grid(results, str(out), label)
     return summary
+
+
+def main_reconstruction(a) -> dict:
+    with runtime.one_line_errors():
+        if not a.checkpoint:
+            raise UsageError("--reconstruction scores a trained world model: pass --checkpoint RUN_DIR")
+        if a.shift != "none" or a.episodes < 2:
+            raise UsageError(f"--reconstruction runs in distribution (drop --shift {a.shift}) on --episodes >= 2 "
+                             f"(got {a.episodes})")
+        import evaluate
+
+        agent, args, step, ckpt = evaluate.load_agent(Path(a.checkpoint), a.device)
+        torch.manual_seed(a.seed)  # the posterior's latent samples
+        frames, actions, masks, blanks = collect_episodes(args.env, a.episodes, args.image_size, args.action_repeat,
+                                                          RECON_SEED + a.seed)
+        rec = reconstruct(agent, frames, actions)
+        r = part_drawn(rec, frames, masks, blanks)
+    part = SEEN_PART[args.env]
+    print(f"{ckpt} (step {step}) on {args.env}: {part} drawn {r['score']:.3f} (control, another episode's "
+          f"reconstruction: {r['control']:.3f}; 1 = exactly, 0 = as if left out) over {a.episodes} episodes of "
+          f"{frames.shape[1]} frames, {r['part_pixels']:.0f} {part} pixels a frame")
+    summary = dict(checkpoint=str(ckpt), step=step, env=args.env, part=part, episodes=a.episodes, **r)
+    out = Path(a.out)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    save_reconstructions(frames, rec, blanks, str(out), f"{ckpt.parent.parent.name} step {step}: {part} drawn "
+                         f"{r['score']:.2f} (control {r['control']:.2f})")
+    return summary
+
+
+def save_reconstructions(frames, rec, blanks, path: str, title: str, rows: int = 4):
+    """Rows of (frame, reconstruction, frame with the part hidden), at the middle step of the first episodes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, t = min(rows, len(frames)), frames.shape[1] // 2
+    fig, axes = plt.subplots(n, 3, figsize=(6.6, 2.2 * n + 0.4), squeeze=False)
+    for i in range(n):
+        for j, (img, name) in enumerate([(frames, "frame"), (rec, "reconstruction"), (blanks, "part hidden")]):
+            axes[i, j].imshow(img[i, t])
+            axes[i, j].axis("off")
+            if i == 0:
+                axes[i, j].set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

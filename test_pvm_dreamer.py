@@ -416,6 +416,36 @@ def test_continue_head_learns_where_episodes_end():
     assert imagined[-1.0] < 0.2 < 0.8 < imagined[1.0], imagined
 
 
+def test_world_model_learns_to_draw_the_reacher_target(seed=0):
+    """The CI-sized check that the agent sees what it must on a MuJoCo task: a tiny world model trained by the
+    real update (train_step) on random-action Reacher frames at 32x32 draws the target where it is in held-out
+    episodes (probe.part_drawn: 1 = exactly, 0 = as if left out), well above its control (another episode's
+    reconstruction, the target elsewhere). The world model first learns the floor and the arm and only then the
+    target; measured (score / control, seeds 0, 1, 2): 0.20 / 0.20, 0.30 / 0.30, 0.45 / 0.45 untrained; 0.12 / 0.12
+    at 200 updates; 0.80 / 0.01, 0.67 / 0.02, 0.76 / 0.02 at 600. The README's 12000-step Reacher agents score
+    0.92 and 0.90 (controls 0.05, 0.04)."""
+    import probe
+
+    torch.manual_seed(seed)
+    args = tiny_args(batch_size=16, batch_length=16, wm_lr=1e-3, seed=seed)
+    env = envs.make_env("reacher", 32, seed=seed)
+    agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+    opt = pd.make_optimizers(agent, args)
+    replay = pd.Replay(2000, (32, 32, 3), 2, seed=seed)
+    collector = pd.Collector(agent, env, replay, seed=seed)
+    for _ in range(1000):  # 40 episodes: 40 target positions
+        collector.step(random_action=True)
+    env.close()
+    frames, actions, masks, blanks = probe.collect_episodes("reacher", 6, 32, args.action_repeat)
+    drawn = lambda: probe.part_drawn(probe.reconstruct(agent, frames, actions), frames, masks, blanks)  # noqa: E731
+    before = drawn()
+    for _ in range(600):
+        pd.train_step(agent, opt, pd.to_torch(replay.sample(16, 16), "cpu"))
+    after = drawn()
+    assert after["score"] > 0.45 and after["score"] > after["control"] + 0.25, (before, after)
+    assert after["score"] > before["score"] + 0.2, (before, after)  # the untrained grey decoder scores ~0.2
+
+
 def test_latent_categoricals_keep_the_unimix_floor():
     """Every class of every latent keeps probability >= unimix / C, however extreme the logits."""
     torch.manual_seed(0)

@@ -368,6 +368,53 @@ def test_probe_bad_input_is_one_line(flags, needle, capsys):
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
 
 
+def test_part_drawn_on_constructed_frames():
+    """1 when the reconstruction is the frame, 0 when it is the frame with the part hidden, in between for a faint
+    part; the control scores another episode's reconstruction (rolled by one) against this one's part."""
+    rng = np.random.default_rng(0)
+    blanks = rng.integers(0, 60, (3, 2, 8, 8, 3)).astype(np.uint8)
+    frames, masks = blanks.copy(), np.zeros((3, 2, 8, 8), bool)
+    for e in range(3):  # the part: a 2x2 red square, in a different place in each episode
+        masks[e, :, 2 * e:2 * e + 2, 2 * e:2 * e + 2] = True
+    frames[masks] = (200, 20, 20)
+    exact = probe.part_drawn(frames, frames, masks, blanks)
+    assert exact["score"] == 1.0 and exact["part_pixels"] == 4.0
+    assert exact["control"] == pytest.approx(0.0, abs=0.02)  # the next episode's frame: blank here, up to noise
+    assert probe.part_drawn(blanks, frames, masks, blanks)["score"] == 0.0
+    faint = (0.5 * frames.astype(float) + 0.5 * blanks).round().astype(np.uint8)
+    assert probe.part_drawn(faint, frames, masks, blanks)["score"] == pytest.approx(0.75, abs=0.01)  # error halved
+    with pytest.raises(probe.UsageError, match="--episodes"):
+        probe.part_drawn(frames[:1], frames[:1], masks[:1], blanks[:1])
+
+
+def test_collect_episodes_marks_the_reacher_target_and_hides_it():
+    frames, actions, masks, blanks = probe.collect_episodes("reacher", 2, 32, 2)
+    assert frames.shape == blanks.shape == (2, 26, 32, 32, 3) and masks.shape == (2, 26, 32, 32)
+    assert actions.shape == (2, 26, 2) and not actions[:, 0].any() and actions[:, 1:].any()
+    assert 20 < masks.sum((-2, -1)).mean() < 60  # the 50 mm target is ~7 px across at 32x32
+    changed = np.abs(frames.astype(int) - blanks).sum(-1) > 30
+    assert changed[masks].mean() > 0.95 and changed[~masks].mean() < 0.02  # hiding it changes its pixels alone
+    assert (masks[0, 0] != masks[1, 0]).any()  # the episodes' targets differ
+    with pytest.raises(probe.UsageError, match="--env reacher"):
+        probe.collect_episodes("pointmass", 2, 32, 1)
+
+
+def test_reconstruction_probe_end_to_end(tiny_run, tmp_path, capsys):
+    out = tmp_path / "rec.png"
+    summary = probe.main(["--checkpoint", str(tiny_run), "--reconstruction", "--episodes", "2", "--out", str(out)])
+    assert "goal drawn" in capsys.readouterr().out
+    assert summary["env"] == "reacher" and summary["part"] == "goal" and summary["step"] == 120
+    assert summary["score"] < 1.0 and summary["control"] < 1.0  # an untrained 120-step model
+    assert out.read_bytes()[:4] == b"\x89PNG" and json.loads(out.with_suffix(".json").read_text())["score"] == summary["score"]
+    for flags, needle in [([], "--checkpoint RUN_DIR"), (["--checkpoint", str(tiny_run), "--shift", "color"],
+                                                         "drop --shift"),
+                          (["--checkpoint", str(tiny_run), "--episodes", "1"], "--episodes >= 2")]:
+        with pytest.raises(SystemExit) as e:
+            probe.main(["--reconstruction", *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
 # --- runs that survive: crash-safe checkpoints, resume, pre-emption, NaN stop, one-line errors for bad input ---
 SURVIVE = ["--env", "pointmass", "--size", "tiny", "--image-size", "32", "--batch-size", "2", "--batch-length", "8",
            "--learning-starts", "20", "--train-ratio", "4", "--eval-episodes", "1", "--eval-every", "50",
