@@ -26,9 +26,12 @@ a shared CPU the wall clock also counts everyone else's work, so "x CNN" is comp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import resource
+import sys
 import time
+import weakref
 
 import torch
 
@@ -122,6 +125,144 @@ def count_ops(update, device) -> dict:
     aten = sum(1 for e in events if e.name.startswith("aten::"))
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if device.type == "cuda" else None
     return dict(aten=aten, kernels=kernels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --memory: what an update holds for its backward passes, part by part (counted, not timed)
+# ---------------------------------------------------------------------------------------------------------
+# A saved tensor belongs to the part of the agent whose function is innermost on the stack when it is saved.
+PARTS = {"CNNEncoder.forward": "encoder", "PVMEncoder.forward": "encoder", "PVMEncoder.from_prefix": "encoder",
+         "PVMEncoder._head": "encoder head", "PVMEncoder.embed": "encoder head", "RSSM.observe": "RSSM scan",
+         "RSSM.prior": "heads + losses", "Decoder.forward": "decoder", "WorldModel.loss": "heads + losses",
+         "Dreamer.imagine": "rollout", "Dreamer.ac_loss": "critic + losses"}
+WM_PARTS = ("encoder", "encoder head", "RSSM scan", "decoder", "heads + losses")
+AC_PARTS = ("rollout", "critic + losses")
+
+
+def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> dict:
+    """Bytes one update keeps for its two backward passes (world model; actor-critic), per part (PARTS), and the
+    bytes of weights + gradients + Adam's two moments. Counted on FAKE tensors (torch's FakeTensorMode: shapes,
+    dtypes and the CPU's kernel choices, no data, no memory), so the paper's configuration takes seconds on any
+    machine; fake=False counts the same on real CPU tensors (tests compare the two).
+
+    Saved tensors are what autograd keeps from the forward pass until the backward pass frees them (counted once
+    per storage with saved_tensors_hooks; parameters excluded): at the end of a forward pass they are the bulk of
+    what an accelerator's memory holds beyond the states. "encoder" is the ViT (or the CNN), "encoder head" the
+    final norm and the projection to the embedding after it. Not counted: the transient memory of the backward
+    pass itself (gradients of activations; a checkpointed segment's recomputed inside: "recompute" gives the
+    largest segment's saved bytes) and allocator slack. Under --precision bf16 the CPU's autocast runs, which
+    casts as CUDA's does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils import checkpoint as ckpt_mod
+
+    agent = pd.Dreamer(pd.make_encoder(args), action_dim, args)
+    trainable = sum(p.numel() * p.element_size() for p in agent.parameters() if p.requires_grad)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    for m in agent.modules() if fake else ():  # the same modules, on fake tensors (real weights are not needed)
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(mode.from_tensor(p.data), requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = mode.from_tensor(b)
+    params = {p.untyped_storage()._cdata for p in agent.parameters()}
+    saved, recompute = [], [0]
+
+    def pack(t):
+        f = sys._getframe(1)
+        while f is not None and f.f_code.co_qualname not in PARTS:
+            f = f.f_back
+        saved.append((weakref.ref(t), PARTS[f.f_code.co_qualname] if f is not None else "other"))
+        return t  # the graph holds t until its backward pass (or until the graph is dropped)
+
+    def held():  # the storages of saved tensors still alive, once each, per part
+        parts, counted_ = {}, set()
+        for ref, part in saved:
+            t = ref()
+            if t is not None and t.untyped_storage()._cdata not in params | counted_:
+                counted_.add(t.untyped_storage()._cdata)
+                parts[part] = parts.get(part, 0) + t.untyped_storage().nbytes()
+        saved.clear()
+        return parts
+
+    plain = ckpt_mod.checkpoint
+
+    def counted(fn, *a, **kw):  # a checkpointed segment's inside: saved again while its backward recomputes it
+        inner = set()
+
+        def pack_inner(t):
+            inner.add((t.untyped_storage()._cdata, t.untyped_storage().nbytes()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack_inner, lambda t: t):
+            fn(*a, **{k: v for k, v in kw.items() if k not in ("use_reentrant", "preserve_rng_state")})
+        recompute[0] = max(recompute[0], sum(n for _, n in inner))
+        return plain(fn, *a, **kw)
+
+    validate = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(False)  # its checks read values: fakes have none
+    ckpt_mod.checkpoint = counted
+    try:
+        with mode:
+            B, T, hw = args.batch_size, args.batch_length, args.image_size
+            batch = dict(image=torch.zeros(B, T, hw, hw, 3, dtype=torch.uint8), action=torch.zeros(B, T, action_dim),
+                         reward=torch.zeros(B, T), is_first=torch.zeros(B, T, dtype=torch.bool),
+                         is_terminal=torch.zeros(B, T, dtype=torch.bool))
+            shape = pd.feature_cache_shape(agent.wm.encoder, args)
+            if args.feature_cache and shape is not None:
+                batch["feat"] = torch.zeros(B, T, *shape, dtype=torch.float16)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), pd.autocast(agent):
+                losses, (deter, stoch) = agent.wm.loss(batch)
+            wm = held()  # while `losses` holds the graph, as train_step's backward() finds it
+            del losses
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), pd.autocast(agent):
+                losses, _ = agent.ac_loss(deter.detach().flatten(0, 1), stoch.detach().flatten(0, 1))
+            ac = held()
+    finally:
+        ckpt_mod.checkpoint = plain
+        torch.distributions.Distribution.set_default_validate_args(validate)
+    return dict(wm=wm, ac=ac, recompute=recompute[0], states=4 * trainable)  # weight, grad, 2 Adam moments
+
+
+GiB = 2**30
+
+
+def peak_estimate(held: dict) -> float:
+    """Bytes at the update's high-water mark, estimated from held_for_backward: the states, plus the largest of
+    (a) all the world model holds at the end of its forward pass; (b) what the encoder holds while its backward
+    pass recomputes a checkpointed segment (the parts after it in the graph, its head included, are freed by
+    then), plus that segment's inside; (c) all the actor-critic pass holds."""
+    wm, ac = sum(held["wm"].values()), sum(held["ac"].values())
+    return held["states"] + max(wm, held["wm"].get("encoder", 0) + held["recompute"], ac)
+
+
+def largest_batch(held: dict, batch_size: int, budget: float) -> int:
+    """The largest B (same T) whose estimated peak stays within `budget` bytes: activations scale with B*T."""
+    per_seq = (peak_estimate(held) - held["states"]) / batch_size
+    return max(0, int((budget - held["states"]) // per_seq))
+
+
+def memory_table(specs: list[dict], budgets=(14, 22)) -> list[str]:
+    """--memory: one row per spec at fp32 / bf16, without / with --grad-checkpoint."""
+    head = ["encoder", "PVM res", "feature cache", "precision", "grad ckpt", "weights+grads+Adam"] \
+        + [f"WM {p}" for p in WM_PARTS] + ["WM total"] + [f"imagination {p}" for p in AC_PARTS] \
+        + ["largest recompute", "est. peak GiB"] + [f"largest B for {b} GiB" for b in budgets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    print("\n".join(lines), flush=True)
+    for spec in specs:
+        for precision in ("fp32", "bf16"):
+            for ckpt in (False, True):
+                args = pd.Args(**dict(spec["args"], precision=precision, grad_checkpoint=ckpt))
+                h = held_for_backward(args)
+                cache = "-" if args.pvm == "none" or args.mode == "full" else ("on" if args.feature_cache else "off")
+                g = lambda b: f"{b / GiB:.2f}" if b == 0 or b >= GiB / 10 else f"{b / GiB:.2g}"  # noqa: E731 (tiny: 2 digits)
+                cells = [spec["name"], str(spec["res"] or "-"), cache, precision, "yes" if ckpt else "no", g(h["states"])] \
+                    + [g(h["wm"].get(p, 0)) for p in WM_PARTS] + [g(sum(h["wm"].values()))] \
+                    + [g(h["ac"].get(p, 0)) for p in AC_PARTS] + [g(h["recompute"]), f"**{g(peak_estimate(h))}**"] \
+                    + [str(largest_batch(h, args.batch_size, b * GiB)) for b in budgets]
+                lines.append("| " + " | ".join(cells) + " |")
+                print(lines[-1], flush=True)
+    return lines
 
 
 def _child(spec, conn):
@@ -220,6 +361,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="the agent's --compile (torch.compile of the RSSM cell)")
     p.add_argument("--count-ops", action="store_true", help="profile one more update: aten ops (and CUDA kernels)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the agent's --precision")
+    p.add_argument("--memory", action="store_true", help="instead of timing: what each row's update holds for its "
+                   "backward passes, per part, at fp32/bf16 without/with --grad-checkpoint (fake tensors: seconds, "
+                   "no memory, the same on any machine), its estimated peak and the largest batch for 14 / 22 GiB")
     p.add_argument("--paper", action="store_true", help="the paper's configuration (size200m, B16xT64, ratio 32, "
                    "DINOv2-S at 224: cnn, frozen, partial, full), 10 timed updates, beside the paper's env-steps/s")
     o = p.parse_args(argv)
@@ -235,6 +379,12 @@ def main(argv=None):
     specs = make_specs(o)
     if any(s["args"]["pvm"] != "none" for s in specs):  # imported once, before the forks: the same baseline RSS
         from transformers import CLIPVisionModel, Dinov2Model  # noqa: F401  for every row
+    if o.memory:
+        print(f"bench --memory: B={o.batch_size} T={o.batch_length}, env {o.env} {specs[0]['args']['image_size']}px, "
+              f"size {specs[0]['args']['size']}, imagination H={pd.Args.imag_horizon} from B*T starts; GiB counted on "
+              "fake tensors (shapes only), not measured on a device\n", flush=True)
+        memory_table(specs)
+        return specs
     print(f"bench: {len(specs)} rows, B={o.batch_size} T={o.batch_length} ratio={o.train_ratio} "
           f"({specs[0]['steps_per_update']} env steps/update), warm-up {o.warmup} + {o.updates} timed, "
           f"env {o.env} {specs[0]['args']['image_size']}px, size {specs[0]['args']['size']}, device {o.device}, "

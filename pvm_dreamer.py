@@ -861,17 +861,26 @@ class PVMEncoder(nn.Module):
             kw["noise"] = torch.arange(patches, device=device, dtype=torch.float32).expand(n, patches)
         return kw
 
+    def _checkpointed(self, part: nn.Module, fn, *args):
+        """fn(*args); with --grad-checkpoint, where `part` trains and a backward pass will follow, only args are kept
+        for it and fn's inside is recomputed in the backward pass (same RNG state, so the same numbers)."""
+        if self.grad_checkpoint and torch.is_grad_enabled() and any(p.requires_grad for p in part.parameters()):
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def _run(self, x: torch.Tensor, blocks) -> torch.Tensor:
         masks = (None,) * self.fam.block_masks
-        checkpoint = self.grad_checkpoint and torch.is_grad_enabled()  # only where a backward pass will follow
         for blk in blocks:
-            if checkpoint and any(p.requires_grad for p in blk.parameters()):
-                # keep only the block's input; recompute its inside (same RNG, same numbers) in the backward pass
-                out = torch.utils.checkpoint.checkpoint(blk, x, *masks, use_reentrant=False)
-            else:
-                out = blk(x, *masks)
+            out = self._checkpointed(blk, blk, x, *masks)  # a checkpointed block keeps only its input
             x = out[0] if isinstance(out, tuple) else out  # older transformers return (hidden, ...) tuples
         return x
+
+    def _tokens(self, obs: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, h, w, 3) -> the first block's input (N, skip+P, W): preprocessing and the embeddings."""
+        x = self.preprocess(obs)  # (N, 3, R, R)
+        h = self.vit.embeddings(x, **self._model_kw(len(x), x.device))
+        h = h[0] if isinstance(h, tuple) else h  # MAE: (tokens, mask, ids_restore)
+        return self.vit.get_submodule(self.fam.pre_norm)(h) if self.fam.pre_norm else h
 
     @property
     def trained_blocks(self) -> int:
@@ -881,13 +890,10 @@ class PVMEncoder(nn.Module):
         """The part of the ViT that does not train, uint8 (N, h, w, 3) -> hidden tokens (N, skip+P, W) after the
         first L-k blocks (partial), or the final features (frozen, see `suffix`). Full mode has no frozen part:
         this is then just the (trained) embeddings."""
-        x = self.preprocess(obs)  # (N, 3, R, R)
         depth, k = len(self.blocks), self.trained_blocks
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode == "full"):
-            h = self.vit.embeddings(x, **self._model_kw(len(x), x.device))
-            h = h[0] if isinstance(h, tuple) else h  # MAE: (tokens, mask, ids_restore)
-            if self.fam.pre_norm:
-                h = self.vit.get_submodule(self.fam.pre_norm)(h)
+            # full + --grad-checkpoint: the embeddings keep the uint8 frames, not the (N, 3, R, R) fp32 pixels
+            h = self._checkpointed(self.vit.embeddings, self._tokens, obs)
             h = self._run(h, self.blocks[:depth - k])  # (N, skip+P, W)
             return self._head(h) if k == 0 else h
 
@@ -919,7 +925,7 @@ class PVMEncoder(nn.Module):
         if not self.fam.cls:
             if self.pool_head is None:
                 raise UsageError(f"this {self.pvm} model has neither a CLS token nor a pooling head to probe")
-            h = self.final_norm(self._run(self.vit.embeddings(x, **self._model_kw(len(x), x.device)), self.blocks))
+            h = self.final_norm(self._run(self._tokens(obs), self.blocks))
             head = self.pool_head
             _, att = head.attention(head.probe.expand(len(x), -1, -1), h, h, need_weights=True,
                                     average_attn_weights=False)  # (N, heads, 1, P)

@@ -886,6 +886,52 @@ def test_bench_quick_prints_one_row_per_configuration():
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "vgg" in bad.stderr
 
 
+def test_memory_accounting_counts_what_the_backward_pass_keeps():
+    """bench.py --memory counts the tensors saved for backward on fake tensors (shapes only). It must give the
+    bytes, part by part, that the same count gives on real CPU tensors; with --grad-checkpoint a fully fine-tuned
+    ViT must keep exactly its blocks' inputs and the uint8 frames, and far less than without."""
+    import bench
+
+    base = dict(size="tiny", image_size=32, batch_size=2, batch_length=4, pvm="dinov2", pvm_id="tiny",
+                pvm_random_init=True, pvm_image_size=32, replay_size=100)
+    for kw in (dict(pvm="none"), dict(mode="partial", finetune_blocks=1),
+               dict(mode="full", grad_checkpoint=True, precision="bf16")):
+        args = pd.Args(**{**base, **kw})
+        fake, real = bench.held_for_backward(args), bench.held_for_backward(args, fake=False)
+        assert fake["wm"]["decoder"] > 0 and fake["ac"]["rollout"] > 0 and fake.keys() == real.keys(), fake
+        if args.precision == "fp32":
+            assert fake == real, (kw, fake, real)
+        else:  # bf16: torch's fake LayerNorm keeps its per-row mean/rstd in bf16, the CPU kernel in fp32 (1/C of
+            # the norm's input: up to ~6% of a part at these tiny widths, <1% at the paper's)
+            for k in ("wm", "ac"):
+                assert fake[k].keys() == real[k].keys(), (fake[k], real[k])
+                for part, b in real[k].items():
+                    assert 0.9 * b <= fake[k][part] <= b, (part, fake[k][part], b)
+    full = {ck: bench.held_for_backward(pd.Args(**base, mode="full", grad_checkpoint=ck)) for ck in (False, True)}
+    enc = pd.make_encoder(pd.Args(**base, mode="full"))
+    n, (tokens, width) = 2 * 4, enc.prefix_shape()
+    kept = len(enc.blocks) * n * tokens * width * 4 + n * 32 * 32 * 3  # fp32 block inputs + uint8 frames
+    assert full[True]["wm"]["encoder"] == kept, (full[True]["wm"]["encoder"], kept)
+    assert full[False]["wm"]["encoder"] > 3 * kept and 0 < full[True]["recompute"] < full[False]["wm"]["encoder"]
+    assert bench.peak_estimate(full[True]) < bench.peak_estimate(full[False])
+    for ck in (False, True):  # the other parts do not depend on the encoder's checkpointing
+        assert {k: v for k, v in full[ck]["wm"].items() if k != "encoder"} == \
+            {k: v for k, v in full[not ck]["wm"].items() if k != "encoder"} and full[ck]["ac"] == full[not ck]["ac"]
+    # the CLI: four rows per encoder (fp32 / bf16 x without / with --grad-checkpoint)
+    proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--memory", "--quick", "--only", "cnn,dinov2-full"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+    assert [(r["encoder"], r["precision"], r["grad ckpt"]) for r in rows] == [
+        (e, p, c) for e in ("cnn", "dinov2-full") for p in ("fp32", "bf16") for c in ("no", "yes")]
+    peak = {(r["encoder"], r["precision"], r["grad ckpt"]): float(r["est. peak GiB"].strip("*")) for r in rows}
+    assert peak["dinov2-full", "fp32", "yes"] < peak["dinov2-full", "fp32", "no"]
+    assert peak["dinov2-full", "bf16", "no"] < peak["dinov2-full", "fp32", "no"]
+    assert all(int(r["largest B for 14 GiB"]) > 2 * 8 for r in rows)  # tiny models: far more than B = 2 fits
+
+
 SWEEP_RUN = ["--size", "tiny", "--image-size", "32", "--pvm-image-size", "32", "--pvm-id", "tiny", "--pvm-random-init",
              "--total-steps", "50", "--learning-starts", "40", "--train-ratio", "8", "--batch-size", "2",
              "--batch-length", "4", "--eval-episodes", "0", "--checkpoint-every", "25"]  # one 50-step episode
