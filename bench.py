@@ -141,7 +141,7 @@ AC_PARTS = ("rollout", "critic + losses")
 
 def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> dict:
     """Bytes one update keeps for its two backward passes (world model; actor-critic), per part (PARTS), and the
-    bytes of weights + gradients + Adam's two moments. Counted on FAKE tensors (torch's FakeTensorMode: shapes,
+    bytes of the states: weights, and for those that train their gradients and Adam's two moments. Counted on FAKE tensors (torch's FakeTensorMode: shapes,
     dtypes and the CPU's kernel choices, no data, no memory), so the paper's configuration takes seconds on any
     machine; fake=False counts the same on real CPU tensors (tests compare the two).
 
@@ -156,7 +156,9 @@ def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> 
     from torch.utils import checkpoint as ckpt_mod
 
     agent = pd.Dreamer(pd.make_encoder(args), action_dim, args)
-    trainable = sum(p.numel() * p.element_size() for p in agent.parameters() if p.requires_grad)
+    nbytes = lambda ts, train: sum(t.numel() * t.element_size() for t in ts if t.requires_grad == train)  # noqa: E731
+    # a trained weight has its gradient and Adam's two moments beside it; frozen weights and buffers only themselves
+    states = 4 * nbytes(agent.parameters(), True) + nbytes(agent.parameters(), False) + nbytes(agent.buffers(), False)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     for m in agent.modules() if fake else ():  # the same modules, on fake tensors (real weights are not needed)
         for name, p in m._parameters.items():
@@ -221,7 +223,7 @@ def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> 
     finally:
         ckpt_mod.checkpoint = plain
         torch.distributions.Distribution.set_default_validate_args(validate)
-    return dict(wm=wm, ac=ac, recompute=recompute[0], states=4 * trainable)  # weight, grad, 2 Adam moments
+    return dict(wm=wm, ac=ac, recompute=recompute[0], states=states)
 
 
 GiB = 2**30
@@ -242,7 +244,7 @@ def largest_batch(held: dict, batch_size: int, budget: float) -> int:
     return max(0, int((budget - held["states"]) // per_seq))
 
 
-def memory_table(specs: list[dict], budgets=(14, 22)) -> list[str]:
+def memory_table(specs: list[dict], budgets=(12, 20)) -> list[str]:
     """--memory: one row per spec at fp32 / bf16, without / with --grad-checkpoint."""
     head = ["encoder", "PVM res", "feature cache", "precision", "grad ckpt", "weights+grads+Adam"] \
         + [f"WM {p}" for p in WM_PARTS] + ["WM total"] + [f"imagination {p}" for p in AC_PARTS] \
@@ -252,7 +254,7 @@ def memory_table(specs: list[dict], budgets=(14, 22)) -> list[str]:
     for spec in specs:
         for precision in ("fp32", "bf16"):
             for ckpt in (False, True):
-                args = pd.Args(**dict(spec["args"], precision=precision, grad_checkpoint=ckpt))
+                args = pd.Args(**dict(spec["args"], precision=precision, grad_checkpoint="on" if ckpt else "off"))
                 h = held_for_backward(args)
                 cache = "-" if args.pvm == "none" or args.mode == "full" else ("on" if args.feature_cache else "off")
                 g = lambda b: f"{b / GiB:.2f}" if b == 0 or b >= GiB / 10 else f"{b / GiB:.2g}"  # noqa: E731 (tiny: 2 digits)
@@ -357,13 +359,15 @@ def main(argv=None):
     p.add_argument("--num-envs", default="1", help="comma list of --num-envs values to time (each a row)")
     p.add_argument("--cache-on-only", action="store_true", help="skip the --no-feature-cache rows")
     p.add_argument("--spawn", action="store_true", help="run rows in spawned processes (always on CUDA)")
-    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of the trained ViT blocks")
+    p.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"],
+                   help="the agent's --grad-checkpoint (auto: on where a ViT trains on CUDA)")
     p.add_argument("--compile", action="store_true", help="the agent's --compile (torch.compile of the RSSM cell)")
     p.add_argument("--count-ops", action="store_true", help="profile one more update: aten ops (and CUDA kernels)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the agent's --precision")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the agent's --precision (auto: bf16 on a CUDA GPU with bf16, else fp32)")
     p.add_argument("--memory", action="store_true", help="instead of timing: what each row's update holds for its "
                    "backward passes, per part, at fp32/bf16 without/with --grad-checkpoint (fake tensors: seconds, "
-                   "no memory, the same on any machine), its estimated peak and the largest batch for 14 / 22 GiB")
+                   "no memory, the same on any machine), its estimated peak and the largest batch for 12 / 20 GiB")
     p.add_argument("--paper", action="store_true", help="the paper's configuration (size200m, B16xT64, ratio 32, "
                    "DINOv2-S at 224: cnn, frozen, partial, full), 10 timed updates, beside the paper's env-steps/s")
     o = p.parse_args(argv)
@@ -388,8 +392,8 @@ def main(argv=None):
     print(f"bench: {len(specs)} rows, B={o.batch_size} T={o.batch_length} ratio={o.train_ratio} "
           f"({specs[0]['steps_per_update']} env steps/update), warm-up {o.warmup} + {o.updates} timed, "
           f"env {o.env} {specs[0]['args']['image_size']}px, size {specs[0]['args']['size']}, device {o.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {o.precision}"
-          f"{', grad checkpoint' if o.grad_checkpoint else ''}; PVMs RANDOM-INIT", flush=True)
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, --precision {o.precision}, "
+          f"--grad-checkpoint {o.grad_checkpoint} (auto: see pvm_dreamer.for_device); PVMs RANDOM-INIT", flush=True)
     print("\n" + table_head(cuda, o.count_ops), flush=True)
     rows, cnn = [], {}  # the CNN's row per number of envs
     start = "spawn" if cuda or o.spawn else "fork"

@@ -41,7 +41,7 @@ import shlex
 import sys
 import time
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -83,10 +83,11 @@ class Args:
     """torch.compile the RSSM's recurrent cell (`RSSM.core`, run 64 + 15 times an update at T = 64, H = 15): fewer,
     fused kernels per step where an update waits on kernel launches (GPUs). Off by default: it costs compile
     time at start and gains little on a CPU; the eager cell is the one to read"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16: bfloat16 autocast of the networks' maths (PVM, world model, actor-critic) in updates and acting,
-    for GPUs with fast bf16; weights, optimiser state, losses and distributions stay fp32. CPUs run it too
-    (slowly on most: for tests)"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16: bfloat16 autocast of the networks' maths (PVM, world model, actor-critic) in updates and acting; weights,
+    optimiser state, losses and distributions stay fp32. auto = bf16 on a CUDA GPU that supports it, fp32 on
+    anything else: [D3]'s default compute dtype is bfloat16; on an H200 at the paper's configuration it halved
+    full fine-tuning's update (1.89 -> 0.97 s) and cut its memory by 36%; most CPUs run bf16 slower than fp32"""
     logdir: str = "runs"
     """runs are written to LOGDIR/RUN_NAME (TensorBoard events, metrics.jsonl, checkpoints/, videos/)"""
     run_name: str = ""
@@ -116,11 +117,12 @@ class Args:
     """k for --mode partial / lora: the last k transformer blocks train or get adapters ([PVM]: 4 of 12)"""
     finetune_norm: bool = False
     """--mode partial: also train the ViT's final layernorm (and SigLIP's pooling head; [PVM] keeps it frozen)"""
-    grad_checkpoint: bool = False
-    """activation checkpointing of the ViT blocks that train (partial, lora, full): their activations are
-    recomputed in the backward pass instead of kept: the same numbers, for one more forward pass of those blocks
-    (CPU, 224: peak RSS full 5.0 -> 2.9 GB for +21% time per update; the same mechanism patched in from outside
-    on an H200 at B16xT64: full 89.9 -> 17.8 GB). Off by default"""
+    grad_checkpoint: Literal["auto", "on", "off"] = "auto"
+    """activation checkpointing of the ViT that trains (its blocks in partial, lora, full; also its embeddings in
+    full): their activations are recomputed in the backward pass instead of kept, the same numbers for one more
+    forward pass of them. auto = on where a ViT trains on a CUDA device, off otherwise. At the paper's batch
+    partial and full need ~35 / ~90 GiB without it and 14-18 GiB with it (an H200; bench.py --memory counts
+    the same), +14% time for full; a CPU run has RAM for a CPU-sized batch and too little compute to spare"""
     encoder_lr_scale: float = 0.1
     """fine-tuned PVM parameters (LoRA adapters included) learn at wm_lr * this ([PVM]: 0.1; untuned for --mode
     lora, where adapters that start at B = 0 usually want a higher rate)"""
@@ -244,6 +246,17 @@ SIZES = {
     "size200m": dict(deter=8192, hidden=1024, stoch=32, classes=64, depth=64, units=1024, blocks=8),
     "size400m": dict(deter=12288, hidden=1536, stoch=32, classes=96, depth=96, units=1536, blocks=8),
 }
+
+
+def for_device(args: Args, device: torch.device) -> Args:
+    """args with --precision auto and --grad-checkpoint auto decided for this device and mode (see Args)."""
+    precision = args.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    ckpt = {True: "on", False: "off"}.get(args.grad_checkpoint, args.grad_checkpoint)  # (checkpoints' old bools)
+    if ckpt == "auto":
+        ckpt = "on" if device.type == "cuda" and args.pvm != "none" and args.mode != "frozen" else "off"
+    return replace(args, precision=precision, grad_checkpoint=ckpt)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -969,7 +982,7 @@ def make_encoder(args: Args) -> nn.Module:
     return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size,
                       cnn_embed_dim(args.image_size, depth), args.pvm_token_dim, args.finetune_norm, lora, args.l2sp,
                       args.pvm_features, pvm_preprocessing(args.pvm, args.pvm_id, args.pvm_random_init),
-                      args.grad_checkpoint)
+                      for_device(args, runtime.resolve_device(args.device)).grad_checkpoint == "on")
 
 
 def feature_cache_shape(encoder: nn.Module, args: Args) -> tuple | None:
@@ -1281,7 +1294,8 @@ def wm_loss_scales(args: Args) -> dict:
 def autocast(agent: Dreamer):
     """--precision bf16: bfloat16 autocast around the forward maths (the backward follows the forward's dtypes);
     off (a no-op) in fp32. Heads' outputs are cast back to fp32 where losses and distributions are formed."""
-    return torch.autocast(agent.wm.bins.device.type, dtype=torch.bfloat16, enabled=agent.args.precision == "bf16")
+    device = agent.wm.bins.device
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=for_device(agent.args, device).precision == "bf16")
 
 
 def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
@@ -1741,6 +1755,7 @@ def start_run(args: Args) -> Run:
     if args.track:
         runtime.check_wandb()  # no W&B install or credentials: one line, before the run writes anything
     device = runtime.resolve_device(args.device)
+    args = for_device(args, device)  # the run records (and its checkpoints keep) what auto meant here
     if device.type == "cpu":
         runtime.keep_freed_memory()
     run_dir, state = open_run(args)
@@ -1782,6 +1797,8 @@ def start_run(args: Args) -> Run:
         run.logger.text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
         run.logger.text("encoder", encoder_summary(agent, args))
     print(encoder_summary(agent, args))
+    print(f"device {device}: --precision {args.precision}, --grad-checkpoint {args.grad_checkpoint}"
+          + (", --compile" if args.compile else ""))
     if args.pvm != "none" and args.pvm_random_init:
         print("WARNING: the PVM is RANDOMLY INITIALISED (--pvm-random-init): NOT pre-trained; results from this "
               "run say nothing about pre-trained features.")

@@ -216,7 +216,7 @@ def test_grad_checkpoint_changes_no_number_and_keeps_fewer_activations(pvm, mode
     what a backward pass holds in memory) are fewer bytes."""
     out = {}
     for ckpt in (False, True):
-        _, agent = tiny_pvm(pvm, mode, k=2, grad_checkpoint=ckpt)
+        _, agent = tiny_pvm(pvm, mode, k=2, grad_checkpoint="on" if ckpt else "off")
         saved = [0]
 
         def pack(t):
@@ -233,3 +233,24 @@ def test_grad_checkpoint_changes_no_number_and_keeps_fewer_activations(pvm, mode
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6)
     assert bytes1 < bytes0, (bytes1, bytes0)
+
+
+def test_auto_precision_and_checkpointing_follow_the_device_and_the_mode(monkeypatch):
+    """--precision auto: bf16 on a CUDA GPU with bf16, fp32 elsewhere; --grad-checkpoint auto: on where a ViT
+    trains on CUDA, off for the CNN, a frozen ViT and on a CPU. Explicit values are kept, and a checkpoint's old
+    boolean --grad-checkpoint still reads."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    decide = lambda dev, **kw: (lambda a: (a.precision, a.grad_checkpoint))(pd.for_device(pd.Args(**kw), dev))  # noqa: E731
+    assert decide(cpu, pvm="dinov2", mode="full") == ("fp32", "off")
+    for mode in ("partial", "full", "lora"):
+        assert decide(cuda, pvm="dinov2", mode=mode) == ("bf16", "on")
+    assert decide(cuda, pvm="dinov2", mode="frozen") == ("bf16", "off") == decide(cuda, pvm="none")
+    assert decide(cuda, pvm="clip", mode="full", precision="fp32", grad_checkpoint="off") == ("fp32", "off")
+    assert decide(cpu, pvm="clip", mode="full", precision="bf16", grad_checkpoint="on") == ("bf16", "on")
+    assert decide(cpu, grad_checkpoint=True)[1] == "on" and decide(cuda, grad_checkpoint=False)[1] == "off"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+    assert decide(cuda, pvm="dinov2", mode="partial") == ("fp32", "on")
+    # what the encoder is built with: auto on this CPU means no checkpointing
+    assert not pd.make_encoder(tiny_args(pvm="dinov2", mode="full")).grad_checkpoint
+    assert pd.make_encoder(tiny_args(pvm="dinov2", mode="full", grad_checkpoint="on")).grad_checkpoint

@@ -895,7 +895,7 @@ def test_memory_accounting_counts_what_the_backward_pass_keeps():
     base = dict(size="tiny", image_size=32, batch_size=2, batch_length=4, pvm="dinov2", pvm_id="tiny",
                 pvm_random_init=True, pvm_image_size=32, replay_size=100)
     for kw in (dict(pvm="none"), dict(mode="partial", finetune_blocks=1),
-               dict(mode="full", grad_checkpoint=True, precision="bf16")):
+               dict(mode="full", grad_checkpoint="on", precision="bf16")):
         args = pd.Args(**{**base, **kw})
         fake, real = bench.held_for_backward(args), bench.held_for_backward(args, fake=False)
         assert fake["wm"]["decoder"] > 0 and fake["ac"]["rollout"] > 0 and fake.keys() == real.keys(), fake
@@ -907,7 +907,8 @@ def test_memory_accounting_counts_what_the_backward_pass_keeps():
                 assert fake[k].keys() == real[k].keys(), (fake[k], real[k])
                 for part, b in real[k].items():
                     assert 0.9 * b <= fake[k][part] <= b, (part, fake[k][part], b)
-    full = {ck: bench.held_for_backward(pd.Args(**base, mode="full", grad_checkpoint=ck)) for ck in (False, True)}
+    full = {ck: bench.held_for_backward(pd.Args(**base, mode="full", grad_checkpoint="on" if ck else "off"))
+            for ck in (False, True)}
     enc = pd.make_encoder(pd.Args(**base, mode="full"))
     n, (tokens, width) = 2 * 4, enc.prefix_shape()
     kept = len(enc.blocks) * n * tokens * width * 4 + n * 32 * 32 * 3  # fp32 block inputs + uint8 frames
@@ -929,7 +930,7 @@ def test_memory_accounting_counts_what_the_backward_pass_keeps():
     peak = {(r["encoder"], r["precision"], r["grad ckpt"]): float(r["est. peak GiB"].strip("*")) for r in rows}
     assert peak["dinov2-full", "fp32", "yes"] < peak["dinov2-full", "fp32", "no"]
     assert peak["dinov2-full", "bf16", "no"] < peak["dinov2-full", "fp32", "no"]
-    assert all(int(r["largest B for 14 GiB"]) > 2 * 8 for r in rows)  # tiny models: far more than B = 2 fits
+    assert all(int(r["largest B for 12 GiB"]) > 2 * 8 for r in rows)  # tiny models: far more than B = 2 fits
 
 
 SWEEP_RUN = ["--size", "tiny", "--image-size", "32", "--pvm-image-size", "32", "--pvm-id", "tiny", "--pvm-random-init",
