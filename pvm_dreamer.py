@@ -80,9 +80,9 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
     compile: bool = False
-    """torch.compile the RSSM's recurrent cell (`RSSM.core`, run 64 + 15 times an update at T = 64, H = 15): fewer,
-    fused kernels per step where an update waits on kernel launches (GPUs). Off by default: it costs compile
-    time at start and gains little on a CPU; the eager cell is the one to read"""
+    """torch.compile the RSSM's steps (`RSSM.obs_step`, `RSSM.img_step`: 64 + 15 times an update at T = 64,
+    H = 15): fewer, fused kernels per step where an update waits on kernel launches (GPUs). Off by default: it
+    costs compile time at start and gains little on a CPU; the eager steps are the ones to read"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16: bfloat16 autocast of the networks' maths (PVM, world model, actor-critic) in updates and acting; weights,
     optimiser state, losses and distributions stay fp32. auto = bf16 on a CUDA GPU that supports it, fp32 on
@@ -1076,9 +1076,10 @@ class RSSM(nn.Module):
     def prior(self, deter):  # (..., D) -> (..., S, C)
         return self.logits(self.prior_net(deter))
 
-    def img_step(self, deter, stoch, action):
+    def img_step(self, deter, stoch, action, uniform=None):
+        """One imagined step: the prior's sample instead of the posterior's; uniform as in sample."""
         deter = self.core(deter, stoch, action)
-        return deter, self.sample(self.prior(deter))
+        return deter, self.sample(self.prior(deter), uniform)
 
     def obs_step(self, deter, stoch, action, embed_in, is_first, uniform=None):
         """embed_in = post_embed(e_t), (N, hidden); uniform: the posterior sample's noise (see sample)."""
@@ -1089,11 +1090,14 @@ class RSSM(nn.Module):
 
     def observe(self, embed, action, is_first):
         """Filter a batch of sequences. embed (B, T, E), action (B, T, A) = prevact, is_first (B, T)."""
-        deter, stoch = self.initial(embed.shape[0], embed.device)
+        (B, T), dev = embed.shape[:2], embed.device
+        deter, stoch = self.initial(B, dev)
         embed_in = self.post_embed(embed)  # (B, T, hidden)
+        # Every step's sampling noise in one draw: one op instead of T, and no RNG inside a compiled step
+        uniform = torch.rand(T, B, self.stoch, self.classes, device=dev)
         out = []
-        for t in range(embed.shape[1]):  # the prior is computed afterwards in one batch: it only needs h_t
-            deter, stoch, logits = self.obs_step(deter, stoch, action[:, t], embed_in[:, t], is_first[:, t])
+        for t in range(T):  # the prior is computed afterwards in one batch: it only needs h_t
+            deter, stoch, logits = self.obs_step(deter, stoch, action[:, t], embed_in[:, t], is_first[:, t], uniform[t])
             out.append((deter, stoch, logits))
         deter, stoch, post = (torch.stack(x, 1) for x in zip(*out))
         return deter, stoch, post  # (B, T, D), (B, T, S*C), (B, T, S, C)
@@ -1187,8 +1191,10 @@ class Dreamer(nn.Module):
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)  # EMA copy, regularises the critic
         self.retnorm = ReturnNorm()
         self.args, self.action_dim = args, action_dim
-        if args.compile:  # a wrapper around the eager cell: same maths, same weights (state_dict is unchanged)
-            self.wm.rssm.core = torch.compile(self.wm.rssm.core, fullgraph=True, dynamic=False)
+        if args.compile:  # wrappers around the eager steps: same maths, same weights (state_dict is unchanged)
+            rssm = self.wm.rssm  # each step gets its noise from outside, so compiled code draws no random numbers
+            rssm.obs_step = torch.compile(rssm.obs_step, fullgraph=True, dynamic=False)
+            rssm.img_step = torch.compile(rssm.img_step, fullgraph=True, dynamic=False)
 
     def imagine(self, deter, stoch, backprop: bool):
         """Roll the prior forward H steps from N start states with the current policy.
@@ -1197,12 +1203,14 @@ class Dreamer(nn.Module):
         their log-probs). backprop=True: reparameterised samples, so d(return)/d(action) flows back through
         the dynamics."""
         feats, raw_actions, actor_outs = [torch.cat([deter, stoch], -1)], [], []
-        for _ in range(self.args.imag_horizon):
+        rssm, H = self.wm.rssm, self.args.imag_horizon
+        uniform = torch.rand(H, len(deter), rssm.stoch, rssm.classes, device=deter.device)  # the prior samples' noise
+        for t in range(H):
             out = self.actor(feats[-1])  # (N, 2A)
             dist = actor_dist(out)
             raw = dist.rsample() if backprop else dist.sample()  # (N, A)
             with torch.set_grad_enabled(backprop):
-                deter, stoch = self.wm.rssm.img_step(deter, stoch, raw.clamp(-1, 1))
+                deter, stoch = rssm.img_step(deter, stoch, raw.clamp(-1, 1), uniform[t])
             feats.append(torch.cat([deter, stoch], -1))
             raw_actions.append(raw)
             actor_outs.append(out)
@@ -1358,8 +1366,9 @@ def act(agent: Dreamer, obs: np.ndarray, state, is_first, explore: bool, prefix=
         else:
             embed = agent.wm.encoder(torch.as_tensor(obs, device=device))  # (N, E)
         first = torch.as_tensor(np.asarray(is_first, bool), device=device)
-        deter, stoch, _ = agent.wm.rssm.obs_step(deter, stoch, prev_action, agent.wm.rssm.post_embed(embed), first,
-                                                 None if uniform is None else uniform.to(device))
+        rssm = agent.wm.rssm
+        uniform = torch.rand(len(first), rssm.stoch, rssm.classes, device=device) if uniform is None else uniform.to(device)
+        deter, stoch, _ = rssm.obs_step(deter, stoch, prev_action, rssm.post_embed(embed), first, uniform)
         dist = actor_dist(agent.actor(torch.cat([deter, stoch], -1)))
     action = (dist.sample() if explore else dist.mean).clamp(-1, 1)  # (N, A)
     return action.cpu().numpy(), (deter.float(), stoch.float(), action)

@@ -787,9 +787,9 @@ def test_bf16_autocast_keeps_fp32_weights_and_stays_close_to_fp32(pvm):
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_cell_gives_the_eager_losses():
-    """--compile wraps RSSM.core in torch.compile (inductor, here its CPU C++ backend): two updates from the same
-    weights and batches give the eager losses to 1e-5 relative, and the eager cell stays what the state_dict
-    and the reader see."""
+    """--compile wraps RSSM.obs_step and img_step in torch.compile (inductor, here its CPU C++ backend): two
+    updates from the same weights and batches give the eager losses to 1e-5 relative (each step's noise comes
+    from outside, so compiled code draws none), and the eager steps stay what the state_dict and the reader see."""
     out = {}
     for compiled in (False, True):
         torch.manual_seed(0)
