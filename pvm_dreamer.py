@@ -122,7 +122,8 @@ class Args:
     full): their activations are recomputed in the backward pass instead of kept, the same numbers for one more
     forward pass of them. auto = on where a ViT trains on a CUDA device, off otherwise. At the paper's batch
     partial and full need ~35 / ~90 GiB without it and 14-18 GiB with it (measured on an H200; bench.py
-    --memory shows where it goes), +14% time for full; a CPU run has RAM for a CPU-sized batch and too little compute to spare"""
+    --memory shows where it goes), +14% time for full; a CPU run has RAM for a CPU-sized batch and too
+    little compute to spare"""
     encoder_lr_scale: float = 0.1
     """fine-tuned PVM parameters (LoRA adapters included) learn at wm_lr * this ([PVM]: 0.1; untuned for --mode
     lora, where adapters that start at B = 0 usually want a higher rate)"""
