@@ -141,9 +141,10 @@ AC_PARTS = ("rollout", "critic + losses")
 
 def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> dict:
     """Bytes one update keeps for its two backward passes (world model; actor-critic), per part (PARTS), and the
-    bytes of the states: weights, and for those that train their gradients and Adam's two moments. Counted on FAKE tensors (torch's FakeTensorMode: shapes,
-    dtypes and the CPU's kernel choices, no data, no memory), so the paper's configuration takes seconds on any
-    machine; fake=False counts the same on real CPU tensors (tests compare the two).
+    bytes of the states: weights, and for those that train their gradients and Adam's two moments. Counted on
+    FAKE tensors (torch's FakeTensorMode: shapes, dtypes and the CPU's kernel choices, no data, no memory), so the
+    paper's configuration takes seconds on any machine; fake=False counts the same on real CPU tensors (tests
+    compare the two).
 
     Saved tensors are what autograd keeps from the forward pass until the backward pass frees them (counted once
     per storage with saved_tensors_hooks; parameters excluded): at the end of a forward pass they are the bulk of

@@ -1368,7 +1368,8 @@ def act(agent: Dreamer, obs: np.ndarray, state, is_first, explore: bool, prefix=
             embed = agent.wm.encoder(torch.as_tensor(obs, device=device))  # (N, E)
         first = torch.as_tensor(np.asarray(is_first, bool), device=device)
         rssm = agent.wm.rssm
-        uniform = torch.rand(len(first), rssm.stoch, rssm.classes, device=device) if uniform is None else uniform.to(device)
+        uniform = (torch.rand(len(first), rssm.stoch, rssm.classes, device=device) if uniform is None
+                   else uniform.to(device))
         deter, stoch, _ = rssm.obs_step(deter, stoch, prev_action, rssm.post_embed(embed), first, uniform)
         dist = actor_dist(agent.actor(torch.cat([deter, stoch], -1)))
     action = (dist.sample() if explore else dist.mean).clamp(-1, 1)  # (N, A)
