@@ -180,8 +180,10 @@ def test_a_lora_run_resumes_and_its_adapters_reach_evaluate_and_probe(tmp_path, 
     code, out, err = main_in_process([*flags, "--total-steps", "40"], capsys)
     assert code == 0, err
     assert "mode=lora (rank 8 on 4 qv layers of the last 2 of 6 blocks)" in out and "trainable" in out
+    assert "device cpu: --precision fp32, --grad-checkpoint off" in out  # what auto means on a CPU
     run_dir = tmp_path / "r"
     state = pd.load_checkpoint(run_dir, runtime.parse_cli(pd.Args, [*flags, "--total-steps", "40"]))
+    assert (state["args"]["precision"], state["args"]["grad_checkpoint"]) == ("fp32", "off")  # recorded, not "auto"
     saved = state["agent"]
     lora_keys = [k for k in saved if ".lora_" in k]
     assert len(lora_keys) == 8 and state["updates"] > 0
