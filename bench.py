@@ -182,9 +182,10 @@ def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> 
         parts, counted_ = {}, set()
         for ref, part in saved:
             t = ref()
-            if t is not None and t.untyped_storage()._cdata not in params | counted_:
-                counted_.add(t.untyped_storage()._cdata)
-                parts[part] = parts.get(part, 0) + t.untyped_storage().nbytes()
+            storage = None if t is None else t.untyped_storage()
+            if storage is not None and storage._cdata not in params and storage._cdata not in counted_:
+                counted_.add(storage._cdata)
+                parts[part] = parts.get(part, 0) + storage.nbytes()
         saved.clear()
         return parts
 
@@ -252,14 +253,15 @@ def memory_table(specs: list[dict], budgets=(12, 20)) -> list[str]:
         + ["largest recompute", "est. peak GiB"] + [f"largest B for {b} GiB" for b in budgets]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     print("\n".join(lines), flush=True)
+    g = lambda b: f"{b / GiB:.2f}" if b == 0 or b >= GiB / 10 else f"{b / GiB:.2g}"  # noqa: E731 (tiny: 2 digits)
     for spec in specs:
         for precision in ("fp32", "bf16"):
             for ckpt in (False, True):
                 args = pd.Args(**dict(spec["args"], precision=precision, grad_checkpoint="on" if ckpt else "off"))
                 h = held_for_backward(args)
                 cache = "-" if args.pvm == "none" or args.mode == "full" else ("on" if args.feature_cache else "off")
-                g = lambda b: f"{b / GiB:.2f}" if b == 0 or b >= GiB / 10 else f"{b / GiB:.2g}"  # noqa: E731 (tiny: 2 digits)
-                cells = [spec["name"], str(spec["res"] or "-"), cache, precision, "yes" if ckpt else "no", g(h["states"])] \
+                cells = [spec["name"], str(spec["res"] or "-"), cache, precision, "yes" if ckpt else "no"] \
+                    + [g(h["states"])] \
                     + [g(h["wm"].get(p, 0)) for p in WM_PARTS] + [g(sum(h["wm"].values()))] \
                     + [g(h["ac"].get(p, 0)) for p in AC_PARTS] + [g(h["recompute"]), f"**{g(peak_estimate(h))}**"] \
                     + [str(largest_batch(h, args.batch_size, b * GiB)) for b in budgets]
@@ -362,7 +364,7 @@ def main(argv=None):
     p.add_argument("--spawn", action="store_true", help="run rows in spawned processes (always on CUDA)")
     p.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"],
                    help="the agent's --grad-checkpoint (auto: on where a ViT trains on CUDA)")
-    p.add_argument("--compile", action="store_true", help="the agent's --compile (torch.compile of the RSSM cell)")
+    p.add_argument("--compile", action="store_true", help="the agent's --compile (torch.compile of the RSSM's steps)")
     p.add_argument("--count-ops", action="store_true", help="profile one more update: aten ops (and CUDA kernels)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="the agent's --precision (auto: bf16 on a CUDA GPU with bf16, else fp32)")

@@ -249,15 +249,25 @@ SIZES = {
 }
 
 
-def for_device(args: Args, device: torch.device) -> Args:
-    """args with --precision auto and --grad-checkpoint auto decided for this device and mode (see Args)."""
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+def uses_bf16(args: Args, device: torch.device) -> bool:
+    """--precision on this device: auto = bf16 on a CUDA GPU that supports it (see Args)."""
+    if args.precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return args.precision == "bf16"
+
+
+def uses_grad_checkpoint(args: Args, device: torch.device) -> bool:
+    """--grad-checkpoint on this device: auto = on where a ViT trains on CUDA (see Args)."""
     ckpt = {True: "on", False: "off"}.get(args.grad_checkpoint, args.grad_checkpoint)  # (checkpoints' old bools)
     if ckpt == "auto":
-        ckpt = "on" if device.type == "cuda" and args.pvm != "none" and args.mode != "frozen" else "off"
-    return replace(args, precision=precision, grad_checkpoint=ckpt)
+        return device.type == "cuda" and args.pvm != "none" and args.mode != "frozen"
+    return ckpt == "on"
+
+
+def for_device(args: Args, device: torch.device) -> Args:
+    """args with --precision auto and --grad-checkpoint auto decided for this device and mode."""
+    return replace(args, precision="bf16" if uses_bf16(args, device) else "fp32",
+                   grad_checkpoint="on" if uses_grad_checkpoint(args, device) else "off")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -983,7 +993,7 @@ def make_encoder(args: Args) -> nn.Module:
     return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size,
                       cnn_embed_dim(args.image_size, depth), args.pvm_token_dim, args.finetune_norm, lora, args.l2sp,
                       args.pvm_features, pvm_preprocessing(args.pvm, args.pvm_id, args.pvm_random_init),
-                      for_device(args, runtime.resolve_device(args.device)).grad_checkpoint == "on")
+                      uses_grad_checkpoint(args, runtime.resolve_device(args.device)))
 
 
 def feature_cache_shape(encoder: nn.Module, args: Args) -> tuple | None:
@@ -1304,7 +1314,7 @@ def autocast(agent: Dreamer):
     """--precision bf16: bfloat16 autocast around the forward maths (the backward follows the forward's dtypes);
     off (a no-op) in fp32. Heads' outputs are cast back to fp32 where losses and distributions are formed."""
     device = agent.wm.bins.device
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=for_device(agent.args, device).precision == "bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(agent.args, device))
 
 
 def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
