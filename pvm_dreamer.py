@@ -1184,11 +1184,17 @@ class WorldModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # Actor-critic, trained on imagined rollouts ([D3] Sec. 3)
 # ---------------------------------------------------------------------------------------------------------
-def actor_dist(out: torch.Tensor, minstd=0.1, maxstd=1.0) -> torch.distributions.Distribution:
+def actor_moments(out: torch.Tensor, minstd=0.1, maxstd=1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """[D3]'s 'bounded_normal': mean squashed into [-1, 1] by tanh, std kept in [minstd, maxstd]."""
     mean, std = out.float().chunk(2, -1)
-    std = (maxstd - minstd) * torch.sigmoid(std + 2.0) + minstd
-    return torch.distributions.Independent(torch.distributions.Normal(torch.tanh(mean), std), 1)
+    return torch.tanh(mean), (maxstd - minstd) * torch.sigmoid(std + 2.0) + minstd
+
+
+def actor_dist(out: torch.Tensor) -> torch.distributions.Distribution:
+    # validate_args=False: tanh and sigmoid make every (mean, std) valid, and the check would read the values,
+    # i.e. wait for the GPU, every time a distribution is built
+    normal = torch.distributions.Normal(*actor_moments(out), validate_args=False)
+    return torch.distributions.Independent(normal, 1, validate_args=False)
 
 
 class Dreamer(nn.Module):
@@ -1206,6 +1212,7 @@ class Dreamer(nn.Module):
             rssm = self.wm.rssm  # each step gets its noise from outside, so compiled code draws no random numbers
             rssm.obs_step = torch.compile(rssm.obs_step, fullgraph=True, dynamic=False)
             rssm.img_step = torch.compile(rssm.img_step, fullgraph=True, dynamic=False)
+            self.policy_step = torch.compile(self.policy_step, fullgraph=True, dynamic=False)
 
     def imagine(self, deter, stoch, backprop: bool):
         """Roll the prior forward H steps from N start states with the current policy.
@@ -1214,18 +1221,27 @@ class Dreamer(nn.Module):
         their log-probs). backprop=True: reparameterised samples, so d(return)/d(action) flows back through
         the dynamics."""
         feats, raw_actions, actor_outs = [torch.cat([deter, stoch], -1)], [], []
-        rssm, H = self.wm.rssm, self.args.imag_horizon
-        uniform = torch.rand(H, len(deter), rssm.stoch, rssm.classes, device=deter.device)  # the prior samples' noise
+        rssm, H, N = self.wm.rssm, self.args.imag_horizon, len(deter)
+        # Every step's noise in one draw each (as observe): the actions' and the prior samples'
+        normal = torch.randn(H, N, self.action_dim, device=deter.device)
+        uniform = torch.rand(H, N, rssm.stoch, rssm.classes, device=deter.device)
         for t in range(H):
-            out = self.actor(feats[-1])  # (N, 2A)
-            dist = actor_dist(out)
-            raw = dist.rsample() if backprop else dist.sample()  # (N, A)
+            out, raw = self.policy_step(feats[-1], normal[t], backprop)  # (N, 2A), (N, A)
             with torch.set_grad_enabled(backprop):
                 deter, stoch = rssm.img_step(deter, stoch, raw.clamp(-1, 1), uniform[t])
             feats.append(torch.cat([deter, stoch], -1))
             raw_actions.append(raw)
             actor_outs.append(out)
         return torch.stack(feats), torch.stack(raw_actions), torch.stack(actor_outs)  # (H+1,N,F), (H,N,A), (H,N,2A)
+
+    def policy_step(self, feat, normal, backprop: bool):
+        """The actor's output on imagined features (N, F) and its action: actor_dist(out).rsample() with the
+        given N(0, 1) noise (N, A), written out so that --compile can trace it. backprop=False: a plain sample
+        (the same values, no gradient to the actor through it)."""
+        out = self.actor(feat)
+        mean, std = actor_moments(out)
+        raw = mean + normal * std  # Normal.rsample
+        return out, (raw if backprop else raw.detach())
 
     def ac_loss(self, deter, stoch) -> tuple[dict, dict]:
         """Actor and critic losses on one imagined batch ([D3] Sec. 3). Returns scalar losses and metrics.
@@ -1279,7 +1295,7 @@ def make_optimizers(agent: Dreamer, args: Args) -> dict:
     if pvm_params:
         groups.append(dict(params=pvm_params, lr=args.wm_lr * args.encoder_lr_scale))
     # foreach: one kernel per op over all tensors instead of a Python loop per parameter (CPU default is off).
-    adam = dict(foreach=True)
+    adam = dict(fused=True)
     return dict(
         wm=torch.optim.Adam(groups, eps=1e-8, **adam),
         actor=torch.optim.Adam(agent.actor.parameters(), lr=args.actor_lr, eps=1e-5, **adam),
@@ -1348,8 +1364,8 @@ def train_step(agent: Dreamer, opt: dict, batch: dict) -> dict:
     opt["actor"].step()
     opt["critic"].step()
     with torch.no_grad():  # slow critic: EMA of the critic, rate 0.02 every update ([D3] `slowvalue`)
-        for slow, fast in zip(agent.slow_critic.parameters(), agent.critic.parameters()):
-            slow.lerp_(fast, agent.args.slow_critic_rate)
+        torch._foreach_lerp_(list(agent.slow_critic.parameters()), list(agent.critic.parameters()),
+                             agent.args.slow_critic_rate)
 
     metrics = {f"wm/loss_{k}": v.mean() for k, v in wm_losses.items()}
     metrics.update({"wm/loss": wm_loss, "wm/grad_norm": wm_norm, "ac/actor_grad_norm": actor_norm,
