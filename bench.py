@@ -364,7 +364,7 @@ def main(argv=None):
     p.add_argument("--spawn", action="store_true", help="run rows in spawned processes (always on CUDA)")
     p.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"],
                    help="the agent's --grad-checkpoint (auto: on where a ViT trains on CUDA)")
-    p.add_argument("--compile", action="store_true", help="the agent's --compile (torch.compile of the RSSM's steps)")
+    p.add_argument("--compile", action="store_true", help="the agent's --compile (torch.compile of the RSSM's and the policy's steps)")
     p.add_argument("--count-ops", action="store_true", help="profile one more update: aten ops (and CUDA kernels)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="the agent's --precision (auto: bf16 on a CUDA GPU with bf16, else fp32)")

@@ -80,8 +80,8 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
     compile: bool = False
-    """torch.compile the RSSM's steps (`RSSM.obs_step`, `RSSM.img_step`: 64 + 15 times an update at T = 64,
-    H = 15): fewer, fused kernels per step where an update waits on kernel launches (GPUs). Off by default: it
+    """torch.compile the steps an update repeats (`RSSM.obs_step`, `RSSM.img_step`, `Dreamer.policy_step`:
+    64 + 15 + 15 times at T = 64, H = 15): fewer, fused kernels per step where an update waits on kernel launches (GPUs). Off by default: it
     costs compile time at start and gains little on a CPU; the eager steps are the ones to read"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16: bfloat16 autocast of the networks' maths (PVM, world model, actor-critic) in updates and acting; weights,

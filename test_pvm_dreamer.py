@@ -786,15 +786,19 @@ def test_bf16_autocast_keeps_fp32_weights_and_stays_close_to_fp32(pvm):
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler")
-def test_compiled_cell_gives_the_eager_losses():
-    """--compile wraps RSSM.obs_step and img_step in torch.compile (inductor, here its CPU C++ backend): two
-    updates from the same weights and batches give the eager losses to 1e-5 relative (each step's noise comes
-    from outside, so compiled code draws none), and the eager steps stay what the state_dict and the reader see."""
+@pytest.mark.parametrize("actor_grad", ["reinforce", "dynamics"])
+def test_compiled_cell_gives_the_eager_losses(actor_grad):
+    """--compile wraps RSSM.obs_step, RSSM.img_step and Dreamer.policy_step in torch.compile (inductor, here its
+    CPU C++ backend): two updates from the same weights and batches give the eager losses and weights to 1e-5
+    relative (each step's noise comes from outside, so compiled code draws none), with the policy's plain
+    samples (reinforce) and its reparameterised ones (dynamics), and the eager steps stay what the state_dict and
+    the reader see."""
     out = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        args = tiny_args(compile=compiled, batch_length=4, imag_horizon=3)
+        args = tiny_args(compile=compiled, batch_length=4, imag_horizon=3, actor_grad=actor_grad)
         agent = pd.Dreamer(pd.make_encoder(args), 2, args)
+        assert ("policy_step" in vars(agent)) == compiled  # the compiled wrapper shadows the method
         opt = pd.make_optimizers(agent, args)
         for i in range(2):
             torch.manual_seed(1 + i)
@@ -804,3 +808,7 @@ def test_compiled_cell_gives_the_eager_losses():
     assert sd_eager.keys() == sd_comp.keys()
     for k in ("wm/loss", "wm/loss_rec", "wm/loss_dyn", "ac/loss_value", "ac/loss_policy", "ac/ret"):
         assert comp[k] == pytest.approx(eager[k], rel=1e-5, abs=1e-7), k
+    names = [n for n in sd_eager if n.startswith(("actor.", "critic."))]  # updated through the policy step
+    assert len(names) >= 8, names
+    for name in names:
+        torch.testing.assert_close(sd_comp[name], sd_eager[name], rtol=1e-5, atol=1e-6, msg=name)
