@@ -151,7 +151,7 @@ def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> 
     what an accelerator's memory holds beyond the states. "encoder" is the ViT (or the CNN), "encoder head" the
     final norm and the projection to the embedding after it. Not counted: the transient memory of the backward
     pass itself (gradients of activations; a checkpointed segment's recomputed inside: "recompute" gives the
-    largest segment's saved bytes) and allocator slack. Under --precision bf16 the CPU's autocast runs, which
+    largest segment's saved bytes, with a nested segment's inside added to its parent's) and allocator slack. Under --precision bf16 the CPU's autocast runs, which
     casts as CUDA's does."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils import checkpoint as ckpt_mod
@@ -169,7 +169,7 @@ def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> 
             if b is not None:
                 m._buffers[name] = mode.from_tensor(b)
     params = {p.untyped_storage()._cdata for p in agent.parameters()}
-    saved, recompute = [], [0]
+    saved, chains = [], [0]  # chains[-1]: the largest recompute below the segment being counted (its children's)
 
     def pack(t):
         f = sys._getframe(1)
@@ -198,9 +198,13 @@ def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> 
             inner.add((t.untyped_storage()._cdata, t.untyped_storage().nbytes()))
             return t
 
+        chains.append(0)
         with torch.autograd.graph.saved_tensors_hooks(pack_inner, lambda t: t):
             fn(*a, **{k: v for k, v in kw.items() if k not in ("use_reentrant", "preserve_rng_state")})
-        recompute[0] = max(recompute[0], sum(n for _, n in inner))
+        # nested (--grad-checkpoint nested): while a child segment recomputes, its parent's recomputed inside is
+        # held too, so a segment's peak is its own inside plus its largest child's
+        below = chains.pop()
+        chains[-1] = max(chains[-1], sum(n for _, n in inner) + below)
         return plain(fn, *a, **kw)
 
     validate = torch.distributions.Distribution._validate_args
@@ -225,7 +229,7 @@ def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> 
     finally:
         ckpt_mod.checkpoint = plain
         torch.distributions.Distribution.set_default_validate_args(validate)
-    return dict(wm=wm, ac=ac, recompute=recompute[0], states=states)
+    return dict(wm=wm, ac=ac, recompute=chains[0], states=states)
 
 
 GiB = 2**30
@@ -247,7 +251,8 @@ def largest_batch(held: dict, batch_size: int, budget: float) -> int:
 
 
 def memory_table(specs: list[dict], budgets=(12, 20)) -> list[str]:
-    """--memory: one row per spec at fp32 / bf16, without / with --grad-checkpoint."""
+    """--memory: one row per spec at fp32 / bf16, without / with --grad-checkpoint (on; nested where a ViT
+    trains)."""
     head = ["encoder", "PVM res", "feature cache", "precision", "grad ckpt", "weights+grads+Adam"] \
         + [f"WM {p}" for p in WM_PARTS] + ["WM total"] + [f"imagination {p}" for p in AC_PARTS] \
         + ["largest recompute", "est. peak GiB"] + [f"largest B for {b} GiB" for b in budgets]
@@ -256,11 +261,12 @@ def memory_table(specs: list[dict], budgets=(12, 20)) -> list[str]:
     g = lambda b: f"{b / GiB:.2f}" if b == 0 or b >= GiB / 10 else f"{b / GiB:.2g}"  # noqa: E731 (tiny: 2 digits)
     for spec in specs:
         for precision in ("fp32", "bf16"):
-            for ckpt in (False, True):
-                args = pd.Args(**dict(spec["args"], precision=precision, grad_checkpoint="on" if ckpt else "off"))
+            trains = spec["args"].get("pvm", "none") != "none" and spec["args"].get("mode") != "frozen"
+            for ckpt in ("off", "on", "nested") if trains else ("off", "on"):
+                args = pd.Args(**dict(spec["args"], precision=precision, grad_checkpoint=ckpt))
                 h = held_for_backward(args)
                 cache = "-" if args.pvm == "none" or args.mode == "full" else ("on" if args.feature_cache else "off")
-                cells = [spec["name"], str(spec["res"] or "-"), cache, precision, "yes" if ckpt else "no"] \
+                cells = [spec["name"], str(spec["res"] or "-"), cache, precision, ckpt] \
                     + [g(h["states"])] \
                     + [g(h["wm"].get(p, 0)) for p in WM_PARTS] + [g(sum(h["wm"].values()))] \
                     + [g(h["ac"].get(p, 0)) for p in AC_PARTS] + [g(h["recompute"]), f"**{g(peak_estimate(h))}**"] \
@@ -362,7 +368,7 @@ def main(argv=None):
     p.add_argument("--num-envs", default="1", help="comma list of --num-envs values to time (each a row)")
     p.add_argument("--cache-on-only", action="store_true", help="skip the --no-feature-cache rows")
     p.add_argument("--spawn", action="store_true", help="run rows in spawned processes (always on CUDA)")
-    p.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off", "nested"],
                    help="the agent's --grad-checkpoint (auto: on where a ViT trains on CUDA)")
     p.add_argument("--compile", action="store_true", help="the agent's --compile (torch.compile of the RSSM's and the policy's steps)")
     p.add_argument("--count-ops", action="store_true", help="profile one more update: aten ops (and CUDA kernels)")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import shlex
 import sys
@@ -117,13 +118,15 @@ class Args:
     """k for --mode partial / lora: the last k transformer blocks train or get adapters ([PVM]: 4 of 12)"""
     finetune_norm: bool = False
     """--mode partial: also train the ViT's final layernorm (and SigLIP's pooling head; [PVM] keeps it frozen)"""
-    grad_checkpoint: Literal["auto", "on", "off"] = "auto"
+    grad_checkpoint: Literal["auto", "on", "off", "nested"] = "auto"
     """activation checkpointing of the ViT that trains (its blocks in partial, lora, full; also its embeddings in
     full): their activations are recomputed in the backward pass instead of kept, the same numbers for one more
     forward pass of them. auto = on where a ViT trains on a CUDA device, off otherwise. At the paper's batch
     partial and full need ~35 / ~90 GiB without it and 14-18 GiB with it (measured on an H200; bench.py
     --memory shows where it goes), +14% time for full; a CPU run has RAM for a CPU-sized batch and too
-    little compute to spare"""
+    little compute to spare. nested: also checkpoint groups of ceil(sqrt(k)) of the k trained blocks around the
+    per-block checkpoints, so ~2 sqrt(k) block inputs are kept instead of k (7 instead of 12 in full mode), for
+    one more forward pass of the trained blocks; the same numbers again (a 16-GB card in full mode)"""
     encoder_lr_scale: float = 0.1
     """fine-tuned PVM parameters (LoRA adapters included) learn at wm_lr * this ([PVM]: 0.1; untuned for --mode
     lora, where adapters that start at B = 0 usually want a higher rate)"""
@@ -256,18 +259,18 @@ def uses_bf16(args: Args, device: torch.device) -> bool:
     return args.precision == "bf16"
 
 
-def uses_grad_checkpoint(args: Args, device: torch.device) -> bool:
-    """--grad-checkpoint on this device: auto = on where a ViT trains on CUDA (see Args)."""
+def grad_checkpointing(args: Args, device: torch.device) -> str:
+    """--grad-checkpoint on this device, off | on | nested: auto = on where a ViT trains on CUDA (see Args)."""
     ckpt = {True: "on", False: "off"}.get(args.grad_checkpoint, args.grad_checkpoint)  # (checkpoints' old bools)
     if ckpt == "auto":
-        return device.type == "cuda" and args.pvm != "none" and args.mode != "frozen"
-    return ckpt == "on"
+        return "on" if device.type == "cuda" and args.pvm != "none" and args.mode != "frozen" else "off"
+    return ckpt
 
 
 def for_device(args: Args, device: torch.device) -> Args:
     """args with --precision auto and --grad-checkpoint auto decided for this device and mode."""
     return replace(args, precision="bf16" if uses_bf16(args, device) else "fp32",
-                   grad_checkpoint="on" if uses_grad_checkpoint(args, device) else "off")
+                   grad_checkpoint=grad_checkpointing(args, device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -745,10 +748,10 @@ class PVMEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, pvm: str, mode: str, finetune_blocks: int, image_size: int,
                  out_dim: int, token_dim: int, finetune_norm: bool = False, lora: dict | None = None,
                  l2sp: float = 0.0, features: str = "auto", preprocessing: dict | None = None,
-                 grad_checkpoint: bool = False):
+                 grad_checkpoint: str = "off"):
         super().__init__()
         self.backbone, self.pvm, self.mode, self.k, self.image_size = backbone, pvm, mode, finetune_blocks, image_size
-        self.grad_checkpoint = grad_checkpoint
+        self.grad_checkpoint = {True: "on", False: "off"}.get(grad_checkpoint, grad_checkpoint)  # off | on | nested
         self.fam = fam = FAMILIES[pvm]
         cfg = backbone.config
         if image_size % cfg.patch_size:
@@ -888,11 +891,20 @@ class PVMEncoder(nn.Module):
     def _checkpointed(self, part: nn.Module, fn, *args):
         """fn(*args); with --grad-checkpoint, where `part` trains and a backward pass will follow, only args are kept
         for it and fn's inside is recomputed in the backward pass (same RNG state, so the same numbers)."""
-        if self.grad_checkpoint and torch.is_grad_enabled() and any(p.requires_grad for p in part.parameters()):
+        if self.grad_checkpoint != "off" and torch.is_grad_enabled() and any(p.requires_grad for p in part.parameters()):
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
     def _run(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        blocks = list(blocks)
+        if self.grad_checkpoint == "nested":  # groups of g blocks keep only their input; inside, each block does
+            g = math.ceil(math.sqrt(len(blocks) or 1))
+            for i in range(0, len(blocks), g):
+                x = self._checkpointed(blocks[i], functools.partial(self._blocks, blocks=blocks[i:i + g]), x)
+            return x
+        return self._blocks(x, blocks)
+
+    def _blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
         masks = (None,) * self.fam.block_masks
         for blk in blocks:
             out = self._checkpointed(blk, blk, x, *masks)  # a checkpointed block keeps only its input
@@ -993,7 +1005,7 @@ def make_encoder(args: Args) -> nn.Module:
     return PVMEncoder(backbone, args.pvm, args.mode, args.finetune_blocks, args.pvm_image_size,
                       cnn_embed_dim(args.image_size, depth), args.pvm_token_dim, args.finetune_norm, lora, args.l2sp,
                       args.pvm_features, pvm_preprocessing(args.pvm, args.pvm_id, args.pvm_random_init),
-                      uses_grad_checkpoint(args, runtime.resolve_device(args.device)))
+                      grad_checkpointing(args, runtime.resolve_device(args.device)))
 
 
 def feature_cache_shape(encoder: nn.Module, args: Args) -> tuple | None:

@@ -214,11 +214,12 @@ def test_a_lora_run_resumes_and_its_adapters_reach_evaluate_and_probe(tmp_path, 
 @pytest.mark.parametrize("pvm, mode", [("dinov2", "partial"), ("dinov2", "full"), ("clip", "lora")])
 def test_grad_checkpoint_changes_no_number_and_keeps_fewer_activations(pvm, mode):
     """Same weights, same batch, fp32: the world-model losses and every gradient are those of the run without
-    checkpointing (to 1e-5), while the tensors kept for the backward pass (counted with saved_tensors_hooks:
-    what a backward pass holds in memory) are fewer bytes."""
+    checkpointing (to 1e-5), with per-block checkpoints (on) and with groups of them checkpointed again (nested),
+    while the tensors kept for the backward pass (counted with saved_tensors_hooks: what a backward pass holds in
+    memory) are fewer bytes, and fewer again when nested (one group input instead of the 2 trained blocks')."""
     out = {}
-    for ckpt in (False, True):
-        _, agent = tiny_pvm(pvm, mode, k=2, grad_checkpoint="on" if ckpt else "off")
+    for ckpt in ("off", "on", "nested"):
+        _, agent = tiny_pvm(pvm, mode, k=2, grad_checkpoint=ckpt)
         saved = [0]
 
         def pack(t):
@@ -228,13 +229,15 @@ def test_grad_checkpoint_changes_no_number_and_keeps_fewer_activations(pvm, mode
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out[ckpt] = wm_losses_and_grads(agent, fake_batch())
         out[ckpt] += (saved[0],)
-    (l0, g0, bytes0), (l1, g1, bytes1) = out[False], out[True]
-    for k in l0:
-        torch.testing.assert_close(l1[k], l0[k], rtol=1e-5, atol=1e-6)
-    assert g0.keys() == g1.keys() and any(k.startswith("encoder.backbone") for k in g0)
-    for k in g0:
-        torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6)
-    assert bytes1 < bytes0, (bytes1, bytes0)
+    (l0, g0, bytes0) = out["off"]
+    for ckpt in ("on", "nested"):
+        l1, g1, _ = out[ckpt]
+        for k in l0:
+            torch.testing.assert_close(l1[k], l0[k], rtol=1e-5, atol=1e-6, msg=f"{ckpt} {k}")
+        assert g0.keys() == g1.keys() and any(k.startswith("encoder.backbone") for k in g0)
+        for k in g0:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6, msg=f"{ckpt} {k}")
+    assert out["nested"][2] < out["on"][2] < bytes0, {k: v[2] for k, v in out.items()}
 
 
 def test_auto_precision_and_checkpointing_follow_the_device_and_the_mode(monkeypatch):
@@ -251,8 +254,9 @@ def test_auto_precision_and_checkpointing_follow_the_device_and_the_mode(monkeyp
     assert decide(cuda, pvm="clip", mode="full", precision="fp32", grad_checkpoint="off") == ("fp32", "off")
     assert decide(cpu, pvm="clip", mode="full", precision="bf16", grad_checkpoint="on") == ("bf16", "on")
     assert decide(cpu, grad_checkpoint=True)[1] == "on" and decide(cuda, grad_checkpoint=False)[1] == "off"
+    assert decide(cuda, pvm="dinov2", mode="full", grad_checkpoint="nested")[1] == "nested"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
     assert decide(cuda, pvm="dinov2", mode="partial") == ("fp32", "on")
     # what the encoder is built with: auto on this CPU means no checkpointing
-    assert not pd.make_encoder(tiny_args(pvm="dinov2", mode="full")).grad_checkpoint
-    assert pd.make_encoder(tiny_args(pvm="dinov2", mode="full", grad_checkpoint="on")).grad_checkpoint
+    assert pd.make_encoder(tiny_args(pvm="dinov2", mode="full")).grad_checkpoint == "off"
+    assert pd.make_encoder(tiny_args(pvm="dinov2", mode="full", grad_checkpoint="on")).grad_checkpoint == "on"
