@@ -2,6 +2,7 @@
 signals (runtime.py), one evaluation path, evaluate.py, probe.py, bench.py and sweep.py. Offline, CPU."""
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -889,7 +890,8 @@ def test_bench_quick_prints_one_row_per_configuration():
 def test_memory_accounting_counts_what_the_backward_pass_keeps():
     """bench.py --memory counts the tensors saved for backward on fake tensors (shapes only). It must give the
     bytes, part by part, that the same count gives on real CPU tensors; with --grad-checkpoint a fully fine-tuned
-    ViT must keep exactly its blocks' inputs and the uint8 frames, and far less than without."""
+    ViT must keep exactly its blocks' inputs and the uint8 frames, and far less than without; nested, only its
+    groups' inputs, while a group's recompute also holds its g blocks' inputs (a nested chain)."""
     import bench
 
     base = dict(size="tiny", image_size=32, batch_size=2, batch_length=4, pvm="dinov2", pvm_id="tiny",
@@ -915,10 +917,14 @@ def test_memory_accounting_counts_what_the_backward_pass_keeps():
     assert full[True]["wm"]["encoder"] == kept, (full[True]["wm"]["encoder"], kept)
     assert full[False]["wm"]["encoder"] > 3 * kept and 0 < full[True]["recompute"] < full[False]["wm"]["encoder"]
     assert bench.peak_estimate(full[True]) < bench.peak_estimate(full[False])
+    nested = bench.held_for_backward(pd.Args(**base, mode="full", grad_checkpoint="nested"))
+    block_input, g = n * tokens * width * 4, math.ceil(math.sqrt(len(enc.blocks)))  # 6 blocks: 2 groups of 3
+    assert nested["wm"]["encoder"] == -(-len(enc.blocks) // g) * block_input + n * 32 * 32 * 3
+    assert nested["recompute"] == full[True]["recompute"] + g * block_input, (nested["recompute"], full[True])
     for ck in (False, True):  # the other parts do not depend on the encoder's checkpointing
         assert {k: v for k, v in full[ck]["wm"].items() if k != "encoder"} == \
             {k: v for k, v in full[not ck]["wm"].items() if k != "encoder"} and full[ck]["ac"] == full[not ck]["ac"]
-    # the CLI: four rows per encoder (fp32 / bf16 x without / with --grad-checkpoint)
+    # the CLI: fp32 / bf16 x --grad-checkpoint off / on (/ nested where a ViT trains)
     proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--memory", "--quick", "--only", "cnn,dinov2-full"],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -926,10 +932,11 @@ def test_memory_accounting_counts_what_the_backward_pass_keeps():
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
     assert [(r["encoder"], r["precision"], r["grad ckpt"]) for r in rows] == [
-        (e, p, c) for e in ("cnn", "dinov2-full") for p in ("fp32", "bf16") for c in ("no", "yes")]
+        (e, p, c) for e in ("cnn", "dinov2-full") for p in ("fp32", "bf16")
+        for c in ("off", "on") + ("nested",) * (e != "cnn")]
     peak = {(r["encoder"], r["precision"], r["grad ckpt"]): float(r["est. peak GiB"].strip("*")) for r in rows}
-    assert peak["dinov2-full", "fp32", "yes"] < peak["dinov2-full", "fp32", "no"]
-    assert peak["dinov2-full", "bf16", "no"] < peak["dinov2-full", "fp32", "no"]
+    assert peak["dinov2-full", "fp32", "on"] < peak["dinov2-full", "fp32", "off"]
+    assert peak["dinov2-full", "bf16", "off"] < peak["dinov2-full", "fp32", "off"]
     assert all(int(r["largest B for 12 GiB"]) > 2 * 8 for r in rows)  # tiny models: far more than B = 2 fits
 
 
