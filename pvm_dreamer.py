@@ -82,8 +82,9 @@ class Args:
     """torch device: auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
     compile: bool = False
     """torch.compile the steps an update repeats (`RSSM.obs_step`, `RSSM.img_step`, `Dreamer.policy_step`:
-    64 + 15 + 15 times at T = 64, H = 15): fewer, fused kernels per step where an update waits on kernel launches (GPUs). Off by default: it
-    costs compile time at start and gains little on a CPU; the eager steps are the ones to read"""
+    64 + 15 + 15 times at T = 64, H = 15): fewer, fused kernels per step where an update waits on kernel
+    launches (GPUs). Off by default: it costs compile time at start and gains little on a CPU; the eager steps
+    are the ones to read"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16: bfloat16 autocast of the networks' maths (PVM, world model, actor-critic) in updates and acting; weights,
     optimiser state, losses and distributions stay fp32. auto = bf16 on a CUDA GPU that supports it, fp32 on
@@ -891,7 +892,8 @@ class PVMEncoder(nn.Module):
     def _checkpointed(self, part: nn.Module, fn, *args):
         """fn(*args); with --grad-checkpoint, where `part` trains and a backward pass will follow, only args are kept
         for it and fn's inside is recomputed in the backward pass (same RNG state, so the same numbers)."""
-        if self.grad_checkpoint != "off" and torch.is_grad_enabled() and any(p.requires_grad for p in part.parameters()):
+        trains = any(p.requires_grad for p in part.parameters())
+        if self.grad_checkpoint != "off" and torch.is_grad_enabled() and trains:
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
@@ -1306,7 +1308,8 @@ def make_optimizers(agent: Dreamer, args: Args) -> dict:
     groups = [dict(params=wm_params, lr=args.wm_lr)]
     if pvm_params:
         groups.append(dict(params=pvm_params, lr=args.wm_lr * args.encoder_lr_scale))
-    # foreach: one kernel per op over all tensors instead of a Python loop per parameter (CPU default is off).
+    # fused: one kernel per step over all parameters, on CUDA and on a CPU (foreach: a few per parameter on a
+    # CPU, where it falls back to a loop over the tensors). A resumed run keeps the setting its checkpoint saved.
     adam = dict(fused=True)
     return dict(
         wm=torch.optim.Adam(groups, eps=1e-8, **adam),
