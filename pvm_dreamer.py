@@ -984,7 +984,9 @@ class PVMEncoder(nn.Module):
         return (self.skip + patches, width)
 
     def embed(self, feats: torch.Tensor) -> torch.Tensor:  # (N, P, W) | (N, W) -> (N, E)
-        return self.out(self.proj(feats))
+        # .float(): under bf16 autocast the norm runs in fp32, as autocast runs LayerNorm (RMSNorm is on none of
+        # its lists, and a bf16 input with fp32 weights takes its unfused path); a no-op in fp32
+        return self.out(self.proj(feats).float())
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         feats = self.features(obs.reshape(-1, *obs.shape[-3:]))
