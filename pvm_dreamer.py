@@ -341,12 +341,15 @@ class ReturnNorm(nn.Module):
 
     def __init__(self, rate=0.01, limit=1.0, lo=5.0, hi=95.0):
         super().__init__()
-        self.rate, self.limit, self.q = rate, limit, torch.tensor([lo / 100, hi / 100])
+        self.rate, self.limit = rate, limit
         self.register_buffer("lo", torch.zeros(()))
         self.register_buffer("hi", torch.zeros(()))
+        # a buffer moves with the agent, so no update copies it to the GPU (a copy that waits for the GPU);
+        # not persistent: a constant, not in checkpoints
+        self.register_buffer("q", torch.tensor([lo / 100, hi / 100]), persistent=False)
 
     def update(self, ret: torch.Tensor) -> torch.Tensor:
-        lo, hi = torch.quantile(ret.detach().flatten().float(), self.q.to(ret.device))
+        lo, hi = torch.quantile(ret.detach().flatten().float(), self.q)
         self.lo.lerp_(lo, self.rate)
         self.hi.lerp_(hi, self.rate)
         return self.scale()
