@@ -788,17 +788,18 @@ def test_bf16_autocast_keeps_fp32_weights_and_stays_close_to_fp32(pvm):
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler")
-@pytest.mark.parametrize("actor_grad", ["reinforce", "dynamics"])
-def test_compiled_cell_gives_the_eager_losses(actor_grad):
+@pytest.mark.parametrize("actor_grad, precision", [("reinforce", "fp32"), ("dynamics", "fp32"), ("reinforce", "bf16")])
+def test_compiled_cell_gives_the_eager_losses(actor_grad, precision):
     """--compile wraps RSSM.obs_step, RSSM.img_step and Dreamer.policy_step in torch.compile (inductor, here its
     CPU C++ backend): two updates from the same weights and batches give the eager losses and weights to 1e-5
     relative (each step's noise comes from outside, so compiled code draws none), with the policy's plain
     samples (reinforce) and its reparameterised ones (dynamics), and the eager steps stay what the state_dict and
-    the reader see."""
+    the reader see. Under bf16 autocast (a GPU's default) the compiled steps run too, within 1% (inductor fuses
+    and rounds the bf16 maths in its own order)."""
     out = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        args = tiny_args(compile=compiled, batch_length=4, imag_horizon=3, actor_grad=actor_grad)
+        args = tiny_args(compile=compiled, batch_length=4, imag_horizon=3, actor_grad=actor_grad, precision=precision)
         agent = pd.Dreamer(pd.make_encoder(args), 2, args)
         assert ("policy_step" in vars(agent)) == compiled  # the compiled wrapper shadows the method
         opt = pd.make_optimizers(agent, args)
@@ -808,9 +809,10 @@ def test_compiled_cell_gives_the_eager_losses(actor_grad):
         out[compiled] = metrics, agent.state_dict()
     (eager, sd_eager), (comp, sd_comp) = out[False], out[True]
     assert sd_eager.keys() == sd_comp.keys()
+    rel = 1e-5 if precision == "fp32" else 1e-2
     for k in ("wm/loss", "wm/loss_rec", "wm/loss_dyn", "ac/loss_value", "ac/loss_policy", "ac/ret"):
-        assert comp[k] == pytest.approx(eager[k], rel=1e-5, abs=1e-7), k
+        assert comp[k] == pytest.approx(eager[k], rel=rel, abs=1e-7 if precision == "fp32" else 1e-3), k
     names = [n for n in sd_eager if n.startswith(("actor.", "critic."))]  # updated through the policy step
     assert len(names) >= 8, names
-    for name in names:
+    for name in names if precision == "fp32" else ():
         torch.testing.assert_close(sd_comp[name], sd_eager[name], rtol=1e-5, atol=1e-6, msg=name)
