@@ -882,6 +882,8 @@ def test_bench_quick_prints_one_row_per_configuration():
     assert all(float(r["encoder ms/frame"]) > 0 for r in rows) and rows[0]["env workers GB"] == "-"
     assert float(rows[1]["env workers GB"]) > 0.05
     assert int(rows[0]["aten ops/update"]) == int(rows[1]["aten ops/update"]) > 1000  # N does not change an update
+    # the kernels among them: fewer than the calls (views, allocations and nested calls launch none), and many
+    assert 300 < int(rows[0]["compute ops/update"]) == int(rows[1]["compute ops/update"]) < int(rows[0]["aten ops/update"])
     bad = subprocess.run([sys.executable, str(REPO / "bench.py"), "--only", "vgg"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "vgg" in bad.stderr
