@@ -790,8 +790,8 @@ def test_bf16_autocast_keeps_fp32_weights_and_stays_close_to_fp32(pvm):
                     reason="torch.compile's CPU backend needs a C++ compiler")
 @pytest.mark.parametrize("actor_grad, precision", [("reinforce", "fp32"), ("dynamics", "fp32"), ("reinforce", "bf16")])
 def test_compiled_cell_gives_the_eager_losses(actor_grad, precision):
-    """--compile wraps RSSM.obs_step, RSSM.img_step and Dreamer.policy_step in torch.compile (inductor, here its
-    CPU C++ backend): two updates from the same weights and batches give the eager losses and weights to 1e-5
+    """--compile wraps RSSM.obs_step, RSSM.scan (chunks of --compile-chunk steps), RSSM.img_step and
+    Dreamer.policy_step in torch.compile (inductor, here its CPU C++ backend): two updates from the same weights and batches give the eager losses and weights to 1e-5
     relative (each step's noise comes from outside, so compiled code draws none), with the policy's plain
     samples (reinforce) and its reparameterised ones (dynamics), and the eager steps stay what the state_dict and
     the reader see. Under bf16 autocast (a GPU's default) the compiled steps run too, within 1% (inductor fuses
@@ -799,7 +799,8 @@ def test_compiled_cell_gives_the_eager_losses(actor_grad, precision):
     out = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        args = tiny_args(compile=compiled, batch_length=4, imag_horizon=3, actor_grad=actor_grad, precision=precision)
+        args = tiny_args(compile=compiled, compile_chunk=3, batch_length=4, imag_horizon=3, actor_grad=actor_grad,
+                         precision=precision)  # chunks of 3 + 1 steps: the scan's state carries across them
         agent = pd.Dreamer(pd.make_encoder(args), 2, args)
         assert ("policy_step" in vars(agent)) == compiled  # the compiled wrapper shadows the method
         opt = pd.make_optimizers(agent, args)
