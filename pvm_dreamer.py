@@ -81,10 +81,10 @@ class Args:
     device: str = "auto"
     """torch device: auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
     compile: bool = False
-    """torch.compile the steps an update repeats (`RSSM.obs_step`, `RSSM.img_step`, `Dreamer.policy_step`:
-    64 + 15 + 15 times at T = 64, H = 15): fewer, fused kernels per step where an update waits on kernel
-    launches (GPUs). Off by default: it costs compile time at start and gains little on a CPU; the eager steps
-    are the ones to read"""
+    """torch.compile what an update repeats: the posterior scan in chunks of --compile-chunk steps (`RSSM.scan`),
+    the prior's `RSSM.img_step` and `Dreamer.policy_step` (15 times each at H = 15), and acting's
+    `RSSM.obs_step`: fewer, fused kernels where an update waits on kernel launches (GPUs). Off by default: it
+    costs compile time at start and gains little on a CPU; the eager steps are the ones to read"""
     compile_chunk: int = 8
     """--compile: the posterior scan's steps per compiled graph. Inside one graph the chunk's steps are fused
     and their weight gradients summed; more steps compile for longer (at the NM512 configuration on a 2-core

@@ -409,9 +409,16 @@ def short(path, width: int = 80) -> str:
 
 
 def make_run_dir(run_dir: Path, flag: str):
+    """mkdir -p RUN; when that fails (a name too long for the file system, say), the parents it made are
+    removed again, so that a failed start leaves no trace."""
+    made = []
     try:
+        made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        for p in made:  # deepest first; only the empty directories this call made
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise UsageError(f"cannot create the run directory {short(run_dir)} ({e.strerror}); pick another {flag}") from None
 
 

@@ -1355,3 +1355,15 @@ def test_track_without_wandb_or_credentials_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(runtime.UsageError, match="pip install wandb"):
         runtime.start_wandb(tmp_path, project="p")
     assert not (tmp_path / "wandb_id.txt").exists()
+
+
+def test_a_run_directory_that_cannot_be_made_leaves_no_parent_behind(tmp_path):
+    """--logdir NEW --run-name TOO_LONG: one UsageError, and NEW is not left behind (mkdir -p made it before the
+    name failed; found by the fuzzed flags above)."""
+    for run_dir in (tmp_path / "new" / "deeper" / ("x" * 300), tmp_path / "afile" / "run"):
+        if run_dir.parent.name == "afile":
+            (tmp_path / "afile").write_text("a file, not a directory")
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        with pytest.raises(runtime.UsageError, match="cannot create the run directory"):
+            runtime.make_run_dir(run_dir, "--run-name")
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before
