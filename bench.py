@@ -137,16 +137,15 @@ def count_ops(update, device) -> dict:
             torch.cuda.synchronize()
     events = prof.events()
     aten = [e for e in events if e.name.startswith("aten::")]
-    works = {}  # id -> whether the op or an aten op below it computes
+    below = {}  # id -> whether an aten op below this one computes
 
-    def computes(e):
-        if id(e) not in works:
-            below = any(computes(c) for c in e.cpu_children if c.name.startswith("aten::"))
-            works[id(e)] = below or e.name[6:] not in NO_KERNEL
-        return works[id(e)]
+    def computes_below(e):
+        if id(e) not in below:
+            below[id(e)] = any(c.name[6:] not in NO_KERNEL or computes_below(c)
+                               for c in e.cpu_children if c.name.startswith("aten::"))
+        return below[id(e)]
 
-    leaves = sum(1 for e in aten if e.name[6:] not in NO_KERNEL
-                 and not any(computes(c) for c in e.cpu_children if c.name.startswith("aten::")))
+    leaves = sum(1 for e in aten if e.name[6:] not in NO_KERNEL and not computes_below(e))
     generated = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and "cpp_fused" in e.name)
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if device.type == "cuda" else None
     return dict(aten=len(aten), compute=leaves + generated, kernels=kernels)
@@ -176,8 +175,8 @@ def held_for_backward(args: pd.Args, action_dim: int = 6, fake: bool = True) -> 
     what an accelerator's memory holds beyond the states. "encoder" is the ViT (or the CNN), "encoder head" the
     final norm and the projection to the embedding after it. Not counted: the transient memory of the backward
     pass itself (gradients of activations; a checkpointed segment's recomputed inside: "recompute" gives the
-    largest segment's saved bytes, with a nested segment's inside added to its parent's) and allocator slack. Under --precision bf16 the CPU's autocast runs, which
-    casts as CUDA's does."""
+    largest segment's saved bytes, with a nested segment's inside added to its parent's) and allocator slack.
+    Under --precision bf16 the CPU's autocast runs, which casts as CUDA's does."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils import checkpoint as ckpt_mod
 
@@ -395,9 +394,10 @@ def main(argv=None):
     p.add_argument("--spawn", action="store_true", help="run rows in spawned processes (always on CUDA)")
     p.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off", "nested"],
                    help="the agent's --grad-checkpoint (auto: on where a ViT trains on CUDA)")
-    p.add_argument("--compile", action="store_true", help="the agent's --compile (torch.compile of the RSSM's and the policy's steps)")
-    p.add_argument("--count-ops", action="store_true", help="profile one more update: aten ops, compute ops (the kernels, counted on "
-                   "any device; see count_ops) and, on CUDA, the kernels launched")
+    p.add_argument("--compile", action="store_true",
+                   help="the agent's --compile (torch.compile of the RSSM's and the policy's steps)")
+    p.add_argument("--count-ops", action="store_true", help="profile one more update: aten ops, compute ops (the "
+                   "kernels, counted on any device; see count_ops) and, on CUDA, the kernels launched")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="the agent's --precision (auto: bf16 on a CUDA GPU with bf16, else fp32)")
     p.add_argument("--memory", action="store_true", help="instead of timing: what each row's update holds for its "

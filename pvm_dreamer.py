@@ -759,7 +759,7 @@ class PVMEncoder(nn.Module):
                  grad_checkpoint: str = "off"):
         super().__init__()
         self.backbone, self.pvm, self.mode, self.k, self.image_size = backbone, pvm, mode, finetune_blocks, image_size
-        self.grad_checkpoint = {True: "on", False: "off"}.get(grad_checkpoint, grad_checkpoint)  # off | on | nested
+        self.grad_checkpoint = grad_checkpoint  # off | on | nested (grad_checkpointing decides it)
         self.fam = fam = FAMILIES[pvm]
         cfg = backbone.config
         if image_size % cfg.patch_size:
@@ -899,8 +899,8 @@ class PVMEncoder(nn.Module):
     def _checkpointed(self, part: nn.Module, fn, *args):
         """fn(*args); with --grad-checkpoint, where `part` trains and a backward pass will follow, only args are kept
         for it and fn's inside is recomputed in the backward pass (same RNG state, so the same numbers)."""
-        trains = any(p.requires_grad for p in part.parameters())
-        if self.grad_checkpoint != "off" and torch.is_grad_enabled() and trains:
+        if (self.grad_checkpoint != "off" and torch.is_grad_enabled()
+                and any(p.requires_grad for p in part.parameters())):  # checked last: it walks the parameters
             return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
