@@ -69,7 +69,8 @@ def run_row(spec: dict) -> dict:
     collector.reset(seed=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     enc, t_enc, collecting = agent.wm.encoder, [0.0], [False]
-    for name in ("forward", "prefix", "from_prefix"):  # time the encoder's calls (instance attributes shadow them)
+    # time the encoder's calls (instance attributes shadow them); --compile fuses them into acting's graphs
+    for name in ("forward", "prefix", "from_prefix") if not args.compile else ():
         if hasattr(enc, name):
             def timed(*a, _f=getattr(enc, name), **kw):
                 if not collecting[0]:  # an update's encoder calls are the update's, not collection's
@@ -101,13 +102,16 @@ def run_row(spec: dict) -> dict:
             pd.train_step(agent, opt, pd.to_torch(replay.sample(args.batch_size, args.batch_length), device))
         sync(); t2 = time.perf_counter()
         t_collect, t_train = t_collect + t1 - t0, t_train + t2 - t1
-    ops = count_ops(lambda: pd.train_step(agent, opt, pd.to_torch(replay.sample(args.batch_size, args.batch_length),
-                                                               device)), device) if spec.get("count_ops") else None
+    ops = None
+    if spec.get("count_ops"):  # one update, then one step of the N envs (acting on N frames, the cache's prefix)
+        ops = count_ops(lambda: pd.train_step(agent, opt, pd.to_torch(replay.sample(args.batch_size,
+                                                                                    args.batch_length), device)), device)
+        ops["act"] = count_ops(lambda: collect(1, policy=True), device)["compute"] / n_envs
     env.close()
     total, n, cpu = t_collect + t_train, spec["updates"] * updates, time.process_time() - cpu0
     frames = spec["updates"] * vec_steps * n_envs
     return dict(s_update=total / n, cpu_s_update=cpu / n, updates_s=n / total, env_steps_s=frames / total,
-                collect_frac=t_collect / total, enc_ms_frame=1e3 * t_enc[0] / frames,
+                collect_frac=t_collect / total, enc_ms_frame=None if args.compile else 1e3 * t_enc[0] / frames,
                 rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB; this process
                 env_rss_gb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20 if n_envs > 1 else 0.0,
                 cuda_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -347,7 +351,7 @@ def make_specs(o) -> list[dict]:
 def table_head(cuda: bool, ops: bool = False) -> str:
     head = ["encoder", "PVM res", "feature cache", "envs", "env-steps/s", "÷ CNN's", "updates/s", "s/update",
             "CPU s/update", "x CNN", "collect share", "encoder ms/frame", "peak RSS GB", "env workers GB"] \
-        + (["CUDA max alloc GB"] if cuda else []) + (["aten ops/update", "compute ops/update"] if ops else []) \
+        + (["CUDA max alloc GB"] if cuda else []) + (["aten ops/update", "compute ops/update", "compute ops/env step"] if ops else []) \
         + (["CUDA kernels/update"] if ops and cuda else [])
     return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
 
@@ -364,10 +368,10 @@ def table_row(s: dict, r: dict, cnn: dict | None, cuda: bool) -> str:
     cells = [s["name"], s["res"] or "-", cache, s["args"]["num_envs"], f"{r['env_steps_s']:.2f}",
              f"{r['env_steps_s'] / cnn['env_steps_s']:.2f}" if cnn else "-", f"{r['updates_s']:.3f}",
              f"{r['s_update']:.3f}", f"{r['cpu_s_update']:.3f}", f"{r[key] / cnn[key]:.1f}" if cnn else "-",
-             f"{r['collect_frac']:.0%}", f"{r['enc_ms_frame']:.1f}", f"{r['rss_gb']:.2f}",
-             f"{r['env_rss_gb']:.2f}" if r["env_rss_gb"] else "-"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
+             f"{r['collect_frac']:.0%}", "-" if r["enc_ms_frame"] is None else f"{r['enc_ms_frame']:.1f}",
+             f"{r['rss_gb']:.2f}", f"{r['env_rss_gb']:.2f}" if r["env_rss_gb"] else "-"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
     if r.get("ops"):
-        cells += [r["ops"]["aten"], r["ops"]["compute"]] + ([r["ops"]["kernels"]] if cuda else [])
+        cells += [r["ops"]["aten"], r["ops"]["compute"], f"{r['ops']['act']:.0f}"] + ([r["ops"]["kernels"]] if cuda else [])
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
@@ -395,9 +399,10 @@ def main(argv=None):
     p.add_argument("--grad-checkpoint", default="auto", choices=["auto", "on", "off", "nested"],
                    help="the agent's --grad-checkpoint (auto: on where a ViT trains on CUDA)")
     p.add_argument("--compile", action="store_true",
-                   help="the agent's --compile (torch.compile of the RSSM's and the policy's steps)")
-    p.add_argument("--count-ops", action="store_true", help="profile one more update: aten ops, compute ops (the "
-                   "kernels, counted on any device; see count_ops) and, on CUDA, the kernels launched")
+                   help="the agent's --compile (torch.compile of the RSSM's and the policy's steps, and of acting)")
+    p.add_argument("--count-ops", action="store_true", help="profile one more update and env step: aten ops, compute "
+                   "ops (the kernels, counted on any device; see count_ops; per env step: acting's) and, on CUDA, the "
+                   "kernels launched")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="the agent's --precision (auto: bf16 on a CUDA GPU with bf16, else fp32)")
     p.add_argument("--memory", action="store_true", help="instead of timing: what each row's update holds for its "

@@ -82,9 +82,10 @@ class Args:
     """torch device: auto (cuda if available, else cpu) | cpu | cuda | cuda:N"""
     compile: bool = False
     """torch.compile what an update repeats: the posterior scan in chunks of --compile-chunk steps (`RSSM.scan`),
-    the prior's `RSSM.img_step` and `Dreamer.policy_step` (15 times each at H = 15), and acting's
-    `RSSM.obs_step`: fewer, fused kernels where an update waits on kernel launches (GPUs). Off by default: it
-    costs compile time at start and gains little on a CPU; the eager steps are the ones to read"""
+    the prior's `RSSM.img_step` and `Dreamer.policy_step` (15 times each at H = 15), and what every env step
+    repeats: `Dreamer.act_step` (encoder, posterior step, actor) and `Dreamer.cache_prefix`. Fewer, fused kernels
+    where the GPU waits on kernel launches. Off by default: it costs compile time at start and gains little on
+    a CPU; the eager steps are the ones to read"""
     compile_chunk: int = 8
     """--compile: the posterior scan's steps per compiled graph. Inside one graph the chunk's steps are fused
     and their weight gradients summed; more steps compile for longer (at the NM512 configuration on a 2-core
@@ -1244,11 +1245,14 @@ class Dreamer(nn.Module):
         self.args, self.action_dim = args, action_dim
         if args.compile:  # wrappers around the eager steps: same maths, same weights (state_dict is unchanged)
             rssm = self.wm.rssm  # each step gets its noise from outside, so compiled code draws no random numbers
-            rssm.obs_step = torch.compile(rssm.obs_step, fullgraph=True, dynamic=False)  # acting's step
             # training's scan: one graph per chunk of steps, whose weights' gradients add up inside it
             rssm.chunk, rssm.scan = args.compile_chunk, torch.compile(rssm.scan, fullgraph=True, dynamic=False)
             rssm.img_step = torch.compile(rssm.img_step, fullgraph=True, dynamic=False)
             self.policy_step = torch.compile(self.policy_step, fullgraph=True, dynamic=False)
+            # acting, once per env step: the encoder (a ViT's ~200 small kernels per frame), the posterior step and
+            # the actor in one graph, and the feature cache's frozen prefix of each new frame in another
+            self.act_step = torch.compile(self.act_step, fullgraph=True, dynamic=False)
+            self.cache_prefix = torch.compile(self.cache_prefix, fullgraph=True, dynamic=False)
 
     def imagine(self, deter, stoch, backprop: bool):
         """Roll the prior forward H steps from N start states with the current policy.
@@ -1278,6 +1282,18 @@ class Dreamer(nn.Module):
         mean, std = actor_moments(out)
         raw = mean + normal * std  # Normal.rsample
         return out, (raw if backprop else raw.detach())
+
+    def act_step(self, x, deter, stoch, prev_action, is_first, uniform, cached: bool):
+        """Acting's maths for N envs: frames (N, h, w, 3) uint8, or their cached prefix outputs (cached=True), and
+        the carried state -> the filtered state and the actor's output (N, 2A). `act` wraps it."""
+        wm = self.wm
+        embed = wm.encoder.from_prefix(x, (len(x),)) if cached else wm.encoder(x)  # (N, E)
+        deter, stoch, _ = wm.rssm.obs_step(deter, stoch, prev_action, wm.rssm.post_embed(embed), is_first, uniform)
+        return deter, stoch, self.actor(torch.cat([deter, stoch], -1))
+
+    def cache_prefix(self, frames):
+        """The feature cache's entries of new frames (M, h, w, 3): the encoder's frozen part (see add_frames)."""
+        return self.wm.encoder.prefix(frames)
 
     def ac_loss(self, deter, stoch) -> tuple[dict, dict]:
         """Actor and critic losses on one imagined batch ([D3] Sec. 3). Returns scalar losses and metrics.
@@ -1422,19 +1438,15 @@ def act(agent: Dreamer, obs: np.ndarray, state, is_first, explore: bool, prefix=
     state = (deter, stoch, prevact), each (N, ...); is_first (N,). prefix: the frames' frozen-PVM-prefix outputs,
     already computed for the feature cache (see add_frames): the encoder's frozen part runs once per frame.
     uniform: the latent samples' noise, (N, S, C) (evaluation's per-episode streams; default: torch's)."""
-    device = agent.wm.bins.device
+    device, rssm = agent.wm.bins.device, agent.wm.rssm
     deter, stoch, prev_action = state
+    first = torch.as_tensor(np.asarray(is_first, bool), device=device)
+    uniform = (torch.rand(len(first), rssm.stoch, rssm.classes, device=device) if uniform is None
+               else uniform.to(device))  # drawn outside act_step, so a compiled one draws no random numbers
+    x = prefix if prefix is not None else torch.as_tensor(obs, device=device)
     with autocast(agent):
-        if prefix is not None:
-            embed = agent.wm.encoder.from_prefix(prefix, (len(prefix),))  # (N, E)
-        else:
-            embed = agent.wm.encoder(torch.as_tensor(obs, device=device))  # (N, E)
-        first = torch.as_tensor(np.asarray(is_first, bool), device=device)
-        rssm = agent.wm.rssm
-        uniform = (torch.rand(len(first), rssm.stoch, rssm.classes, device=device) if uniform is None
-                   else uniform.to(device))
-        deter, stoch, _ = rssm.obs_step(deter, stoch, prev_action, rssm.post_embed(embed), first, uniform)
-        dist = actor_dist(agent.actor(torch.cat([deter, stoch], -1)))
+        deter, stoch, out = agent.act_step(x, deter, stoch, prev_action, first, uniform, prefix is not None)
+    dist = actor_dist(out)
     action = (dist.sample() if explore else dist.mean).clamp(-1, 1)  # (N, A)
     return action.cpu().numpy(), (deter.float(), stoch.float(), action)
 
@@ -1448,7 +1460,7 @@ def add_frames(replay: Replay, agent: Dreamer, obs, action, reward, is_first, is
     prefix = None
     if "feat" in replay.data:
         with autocast(agent):
-            prefix = agent.wm.encoder.prefix(torch.as_tensor(obs, device=agent.wm.bins.device)).float()  # (M, ...)
+            prefix = agent.cache_prefix(torch.as_tensor(obs, device=agent.wm.bins.device)).float()  # (M, ...)
         feats = prefix.half().cpu().numpy()
     for j, stream in enumerate(streams):
         replay.add(obs[j], action[j], reward[j], is_first[j], is_terminal[j],

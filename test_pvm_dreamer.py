@@ -817,3 +817,34 @@ def test_compiled_cell_gives_the_eager_losses(actor_grad, precision):
     assert len(names) >= 8, names
     for name in names if precision == "fp32" else ():
         torch.testing.assert_close(sd_comp[name], sd_eager[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+@pytest.mark.parametrize("pvm, mode", [("none", "full"), ("dinov2", "full"), ("dinov2", "partial"), ("clip", "lora")])
+def test_compiled_acting_gives_the_eager_actions(pvm, mode):
+    """--compile wraps acting's Dreamer.act_step (encoder, posterior step, actor) and the feature cache's
+    Dreamer.cache_prefix: from the same weights, frames and noise, three env steps of `act` give the eager
+    latent states and actions to 1e-5, with the frames (CNN, full ViT) or their cached prefix (partial, LoRA) as
+    input."""
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (3, 2, 32, 32, 3), generator=g, dtype=torch.uint8)  # 3 steps of 2 envs
+    uniform = torch.rand(3, 2, pd.SIZES["tiny"]["stoch"], pd.SIZES["tiny"]["classes"], generator=g)
+    out = {}
+    for compiled in (False, True):
+        args, agent = tiny_pvm(pvm, mode, compile=compiled)
+        assert ("act_step" in vars(agent)) == compiled and ("cache_prefix" in vars(agent)) == compiled
+        cached = pd.feature_cache_shape(agent.wm.encoder, args) is not None
+        assert cached == (mode != "full")
+        state, steps = pd.initial_state(agent, 2), []
+        for t in range(3):
+            prefix = agent.cache_prefix(frames[t]).float() if cached else None
+            action, state = pd.act(agent, frames[t].numpy(), state, [t == 0] * 2, explore=False, prefix=prefix,
+                                   uniform=uniform[t])
+            steps.append((action, *state[:2]))
+        out[compiled] = steps
+    for (a0, d0, s0), (a1, d1, s1) in zip(out[False], out[True]):
+        np.testing.assert_allclose(a1, a0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d1, d0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s1, s0)  # one-hot samples: the same classes drawn
+    assert not np.allclose(out[False][0][0], out[False][2][0])  # the steps really differ

@@ -870,7 +870,7 @@ def test_bench_quick_prints_one_row_per_configuration():
         assert float(r["updates/s"]) == pytest.approx(1 / float(r["s/update"]), rel=0.02)
     assert rows[0]["x CNN"] == "1.0"
     # --num-envs: a row per N; env-steps/s against the CNN's at the same N; the env workers' memory for N > 1;
-    # --spawn: the rows run in spawned processes, as they must on CUDA; --count-ops: aten ops of one update.
+    # --spawn: the rows run in spawned processes, as they must on CUDA; --count-ops: ops of an update and an env step.
     proc = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--only", "cnn", "--num-envs", "1,3",
                            "--spawn", "--count-ops"],  # rows in spawned processes: the path CUDA takes
                           capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -884,6 +884,8 @@ def test_bench_quick_prints_one_row_per_configuration():
     assert int(rows[0]["aten ops/update"]) == int(rows[1]["aten ops/update"]) > 1000  # N does not change an update
     # the kernels among them: fewer than the calls (views, allocations and nested calls launch none), and many
     assert 300 < int(rows[0]["compute ops/update"]) == int(rows[1]["compute ops/update"]) < int(rows[0]["aten ops/update"])
+    # acting: one encoder and policy call for all N frames, so 3 envs launch about a third as many ops per env step
+    assert 10 < int(rows[1]["compute ops/env step"]) < 0.5 * int(rows[0]["compute ops/env step"])
     bad = subprocess.run([sys.executable, str(REPO / "bench.py"), "--only", "vgg"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "vgg" in bad.stderr
