@@ -104,8 +104,8 @@ def run_row(spec: dict) -> dict:
         t_collect, t_train = t_collect + t1 - t0, t_train + t2 - t1
     ops = None
     if spec.get("count_ops"):  # one update, then one step of the N envs (acting on N frames, the cache's prefix)
-        ops = count_ops(lambda: pd.train_step(agent, opt, pd.to_torch(replay.sample(args.batch_size,
-                                                                                    args.batch_length), device)), device)
+        batch = lambda: pd.to_torch(replay.sample(args.batch_size, args.batch_length), device)  # noqa: E731
+        ops = count_ops(lambda: pd.train_step(agent, opt, batch()), device)
         ops["act"] = count_ops(lambda: collect(1, policy=True), device)["compute"] / n_envs
     env.close()
     total, n, cpu = t_collect + t_train, spec["updates"] * updates, time.process_time() - cpu0
@@ -351,7 +351,8 @@ def make_specs(o) -> list[dict]:
 def table_head(cuda: bool, ops: bool = False) -> str:
     head = ["encoder", "PVM res", "feature cache", "envs", "env-steps/s", "÷ CNN's", "updates/s", "s/update",
             "CPU s/update", "x CNN", "collect share", "encoder ms/frame", "peak RSS GB", "env workers GB"] \
-        + (["CUDA max alloc GB"] if cuda else []) + (["aten ops/update", "compute ops/update", "compute ops/env step"] if ops else []) \
+        + (["CUDA max alloc GB"] if cuda else []) \
+        + (["aten ops/update", "compute ops/update", "compute ops/env step"] if ops else []) \
         + (["CUDA kernels/update"] if ops and cuda else [])
     return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
 
@@ -369,9 +370,11 @@ def table_row(s: dict, r: dict, cnn: dict | None, cuda: bool) -> str:
              f"{r['env_steps_s'] / cnn['env_steps_s']:.2f}" if cnn else "-", f"{r['updates_s']:.3f}",
              f"{r['s_update']:.3f}", f"{r['cpu_s_update']:.3f}", f"{r[key] / cnn[key]:.1f}" if cnn else "-",
              f"{r['collect_frac']:.0%}", "-" if r["enc_ms_frame"] is None else f"{r['enc_ms_frame']:.1f}",
-             f"{r['rss_gb']:.2f}", f"{r['env_rss_gb']:.2f}" if r["env_rss_gb"] else "-"] + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
+             f"{r['rss_gb']:.2f}", f"{r['env_rss_gb']:.2f}" if r["env_rss_gb"] else "-"] \
+        + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
     if r.get("ops"):
-        cells += [r["ops"]["aten"], r["ops"]["compute"], f"{r['ops']['act']:.0f}"] + ([r["ops"]["kernels"]] if cuda else [])
+        ops = r["ops"]
+        cells += [ops["aten"], ops["compute"], f"{ops['act']:.0f}"] + ([ops["kernels"]] if cuda else [])
     return "| " + " | ".join(map(str, cells)) + " |"
 
 
