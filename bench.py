@@ -131,7 +131,9 @@ def count_ops(update, device) -> dict:
     compute: the calls that do the work, i.e. kernels: an aten op outside NO_KERNEL with no such op below it
     (aten::linear -> addmm counts once), plus each kernel inductor generated (--compile). That is the
     device-agnostic measure of how launch-bound an update is: at the NM512 configuration, eager, 3de97af, the
-    CPU's count is 12,410 and the H200 launched 12,228 kernels. On CUDA also the kernels it launched."""
+    CPU's count is 12,410 and the H200 launched 12,228 kernels. reads: reads of a tensor's value (.item()), each
+    a wait for the device on a GPU (on a CPU, CPU-only kernels make some: fused Adam's, one_hot's range check).
+    On CUDA also the kernels it launched."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -152,7 +154,8 @@ def count_ops(update, device) -> dict:
     leaves = sum(1 for e in aten if e.name[6:] not in NO_KERNEL and not computes_below(e))
     generated = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CPU and "cpp_fused" in e.name)
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) if device.type == "cuda" else None
-    return dict(aten=len(aten), compute=leaves + generated, kernels=kernels)
+    reads = sum(1 for e in aten if e.name == "aten::_local_scalar_dense")  # .item(): on a GPU, a wait for it
+    return dict(aten=len(aten), compute=leaves + generated, kernels=kernels, reads=reads)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,7 +355,7 @@ def table_head(cuda: bool, ops: bool = False) -> str:
     head = ["encoder", "PVM res", "feature cache", "envs", "env-steps/s", "÷ CNN's", "updates/s", "s/update",
             "CPU s/update", "x CNN", "collect share", "encoder ms/frame", "peak RSS GB", "env workers GB"] \
         + (["CUDA max alloc GB"] if cuda else []) \
-        + (["aten ops/update", "compute ops/update", "compute ops/env step"] if ops else []) \
+        + (["aten ops/update", "compute ops/update", "compute ops/env step", "value reads/update"] if ops else []) \
         + (["CUDA kernels/update"] if ops and cuda else [])
     return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
 
@@ -374,7 +377,7 @@ def table_row(s: dict, r: dict, cnn: dict | None, cuda: bool) -> str:
         + ([f"{r['cuda_gb']:.2f}"] if cuda else [])
     if r.get("ops"):
         ops = r["ops"]
-        cells += [ops["aten"], ops["compute"], f"{ops['act']:.0f}"] + ([ops["kernels"]] if cuda else [])
+        cells += [ops["aten"], ops["compute"], f"{ops['act']:.0f}", ops["reads"]] + ([ops["kernels"]] if cuda else [])
     return "| " + " | ".join(map(str, cells)) + " |"
 
 

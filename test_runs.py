@@ -886,6 +886,8 @@ def test_bench_quick_prints_one_row_per_configuration():
     assert 300 < int(rows[0]["compute ops/update"]) == int(rows[1]["compute ops/update"]) < int(rows[0]["aten ops/update"])
     # acting: one encoder and policy call for all N frames, so 3 envs launch about a third as many ops per env step
     assert 10 < int(rows[1]["compute ops/env step"]) < 0.5 * int(rows[0]["compute ops/env step"])
+    # value reads: on a CPU fused Adam's kernel reads its step counts, so an update makes some
+    assert int(rows[0]["value reads/update"]) == int(rows[1]["value reads/update"]) > 0
     bad = subprocess.run([sys.executable, str(REPO / "bench.py"), "--only", "vgg"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and "vgg" in bad.stderr
